@@ -1,0 +1,321 @@
+"""Memory-efficient attention: online softmax over tiles, in pure JAX.
+
+The forward pass walks ``[block_q, block_kv]`` tiles, keeping only a running
+max, a running normaliser and an output accumulator per query (Milakov &
+Gimelshein 2018; Rabe & Staats 2021; Dao et al. 2022). The backward pass is
+written by hand (``jax.custom_vjp``): it recomputes each tile's probabilities
+from the saved log-sum-exp, so neither pass ever holds a ``[q_len, kv_len]``
+array. Peak memory is O(T * block) plus whatever mask/bias the caller passes.
+
+Tiles are skipped, not just masked:
+
+* with ``is_causal`` the key loop of query block ``i`` stops at the last block
+  that holds a key ``<= `` the block's last query (a dynamic loop bound);
+* with a mask array, a tile whose mask is all False is skipped by ``lax.cond``,
+  so a causal or padding mask given as an array costs about what
+  ``is_causal`` costs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Finite stand-in for -inf: exp(NEG_INF - m) underflows to 0 and max() of a
+# fully masked row stays finite, so no inf - inf = NaN can arise.
+NEG_INF = -1e30
+
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_KV = 256
+
+
+class _Config(NamedTuple):
+  is_causal: bool
+  scale: float
+  block_q: int
+  block_kv: int
+  kv_len: int       # unpadded key length, to mask padded keys
+  precision: Any
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _slice_tile(x, i, j, cfg: _Config, q_pad: int, k_pad: int):
+  """Slices tile (i, j) out of a 5-D mask/bias whose q/k dims are 1 or padded length."""
+  if x.shape[-2] == q_pad and q_pad != 1:
+    x = lax.dynamic_slice_in_dim(x, i * cfg.block_q, cfg.block_q, axis=-2)
+  if x.shape[-1] == k_pad and k_pad != 1:
+    x = lax.dynamic_slice_in_dim(x, j * cfg.block_kv, cfg.block_kv, axis=-1)
+  return x
+
+
+def _position_mask(i, j, cfg: _Config, k_pad: int):
+  """Causal and key-padding constraints of tile (i, j), or None if there are none."""
+  need_pad = k_pad != cfg.kv_len
+  if not (cfg.is_causal or need_pad):
+    return None
+  qpos = i * cfg.block_q + lax.broadcasted_iota(jnp.int32, (cfg.block_q, cfg.block_kv), 0)
+  kpos = j * cfg.block_kv + lax.broadcasted_iota(jnp.int32, (cfg.block_q, cfg.block_kv), 1)
+  ok = None
+  if cfg.is_causal:
+    ok = kpos <= qpos
+  if need_pad:
+    ok = (kpos < cfg.kv_len) if ok is None else ok & (kpos < cfg.kv_len)
+  return ok
+
+
+def _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad):
+  user_mask = None if mask is None else _slice_tile(mask, i, j, cfg, q_pad, k_pad)
+  pos = _position_mask(i, j, cfg, k_pad)
+  if user_mask is None:
+    full_mask = pos
+  elif pos is None:
+    full_mask = user_mask
+  else:
+    full_mask = user_mask & pos
+  tile_bias = None if bias is None else _slice_tile(bias, i, j, cfg, q_pad, k_pad)
+  return user_mask, full_mask, tile_bias
+
+
+def _kv_blocks(i, cfg: _Config, n_kv: int):
+  """Number of key blocks query block i needs (all of them unless causal)."""
+  if not cfg.is_causal:
+    return n_kv
+  last_q = (i + 1) * cfg.block_q - 1
+  return jnp.minimum(last_q // cfg.block_kv + 1, n_kv)
+
+
+def _maybe_skip(user_mask, compute, carry):
+  if user_mask is None:
+    return compute(carry)
+  return lax.cond(jnp.any(user_mask), compute, lambda c: c, carry)
+
+
+def _logits(q_i, k_j, tile_bias, full_mask, cfg):
+  s = jnp.einsum("bhgqd,bhkd->bhgqk", q_i, k_j, precision=cfg.precision,
+                 preferred_element_type=jnp.float32)
+  if tile_bias is not None:
+    s = s + tile_bias.astype(jnp.float32)
+  if full_mask is not None:
+    s = jnp.where(full_mask, s, NEG_INF)
+  return s
+
+
+def _forward(cfg: _Config, q, k, v, bias, mask):
+  """q ``[B,Hkv,G,Tq_pad,D]`` (pre-scaled), k/v ``[B,Hkv,Tk_pad,D]`` -> out, lse."""
+  b, hk, g, q_pad, _ = q.shape
+  k_pad, dv = k.shape[2], v.shape[-1]
+  n_q, n_kv = q_pad // cfg.block_q, k_pad // cfg.block_kv
+  q_blocks = jnp.moveaxis(q.reshape(b, hk, g, n_q, cfg.block_q, -1), 3, 0)
+
+  def q_step(_, inp):
+    i, q_i = inp
+
+    def kv_step(j, carry):
+      user_mask, full_mask, tile_bias = _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad)
+      k_j = lax.dynamic_slice_in_dim(k, j * cfg.block_kv, cfg.block_kv, axis=2)
+      v_j = lax.dynamic_slice_in_dim(v, j * cfg.block_kv, cfg.block_kv, axis=2)
+
+      def compute(carry):
+        m, l, acc = carry
+        s = _logits(q_i, k_j, tile_bias, full_mask, cfg)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        if full_mask is not None:
+          p = jnp.where(full_mask, p, 0.0)
+        corr = jnp.exp(m - m_new)
+        l = l * corr + jnp.sum(p, axis=-1)
+        pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_j,
+                        precision=cfg.precision, preferred_element_type=jnp.float32)
+        return m_new, l, acc * corr[..., None] + pv
+
+      return _maybe_skip(user_mask, compute, carry)
+
+    init = (
+        jnp.full((b, hk, g, cfg.block_q), NEG_INF, jnp.float32),
+        jnp.zeros((b, hk, g, cfg.block_q), jnp.float32),
+        jnp.zeros((b, hk, g, cfg.block_q, dv), jnp.float32),
+    )
+    m, l, acc = lax.fori_loop(0, _kv_blocks(i, cfg, n_kv), kv_step, init)
+    has_keys = l > 0
+    out = acc / jnp.where(has_keys, l, 1.0)[..., None]
+    # Rows with no key keep lse = 0; their recomputed probabilities are
+    # zeroed by the mask in the backward pass.
+    lse = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), 0.0)
+    return None, (out.astype(q.dtype), lse)
+
+  _, (out, lse) = lax.scan(q_step, None, (jnp.arange(n_q), q_blocks))
+  out = jnp.moveaxis(out, 0, 3).reshape(b, hk, g, q_pad, dv)
+  lse = jnp.moveaxis(lse, 0, 3).reshape(b, hk, g, q_pad)
+  return out, lse
+
+
+def _backward(cfg: _Config, q, k, v, bias, mask, out, lse, dout):
+  b, hk, g, q_pad, d = q.shape
+  k_pad = k.shape[2]
+  n_q, n_kv = q_pad // cfg.block_q, k_pad // cfg.block_kv
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+  def blocks(x):
+    return jnp.moveaxis(x.reshape(x.shape[:3] + (n_q, cfg.block_q) + x.shape[4:]), 3, 0)
+
+  def q_step(carry, inp):
+    i, q_i, do_i, lse_i, delta_i = inp
+
+    def kv_step(j, c):
+      user_mask, full_mask, tile_bias = _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad)
+      k_j = lax.dynamic_slice_in_dim(k, j * cfg.block_kv, cfg.block_kv, axis=2)
+      v_j = lax.dynamic_slice_in_dim(v, j * cfg.block_kv, cfg.block_kv, axis=2)
+
+      def compute(c):
+        dk, dv, dbias, dq_i = c
+        s = _logits(q_i, k_j, tile_bias, full_mask, cfg)
+        p = jnp.exp(s - lse_i[..., None])
+        if full_mask is not None:
+          p = jnp.where(full_mask, p, 0.0)
+        ein = functools.partial(jnp.einsum, precision=cfg.precision,
+                                preferred_element_type=jnp.float32)
+        dv_j = ein("bhgqk,bhgqd->bhkd", p.astype(do_i.dtype), do_i)
+        dp = ein("bhgqd,bhkd->bhgqk", do_i, v_j)
+        ds = p * (dp - delta_i[..., None])
+        dq_i = dq_i + ein("bhgqk,bhkd->bhgqd", ds.astype(k_j.dtype), k_j)
+        dk_j = ein("bhgqk,bhgqd->bhkd", ds.astype(q_i.dtype), q_i)
+        at = j * cfg.block_kv
+        dk = lax.dynamic_update_slice_in_dim(
+            dk, lax.dynamic_slice_in_dim(dk, at, cfg.block_kv, 2) + dk_j, at, 2)
+        dv = lax.dynamic_update_slice_in_dim(
+            dv, lax.dynamic_slice_in_dim(dv, at, cfg.block_kv, 2) + dv_j, at, 2)
+        if dbias is not None:
+          dbias = _accumulate_bias_grad(dbias, ds, i, j, cfg, q_pad, k_pad)
+        return dk, dv, dbias, dq_i
+
+      return _maybe_skip(user_mask, compute, c)
+
+    dk, dv, dbias = carry
+    dq_i = jnp.zeros(q_i.shape, jnp.float32)
+    dk, dv, dbias, dq_i = lax.fori_loop(
+        0, _kv_blocks(i, cfg, n_kv), kv_step, (dk, dv, dbias, dq_i))
+    return (dk, dv, dbias), dq_i
+
+  init = (
+      jnp.zeros(k.shape, jnp.float32),
+      jnp.zeros(v.shape, jnp.float32),
+      None if bias is None else jnp.zeros(bias.shape, jnp.float32),
+  )
+  xs = (jnp.arange(n_q), blocks(q), blocks(dout), blocks(lse[..., None])[..., 0],
+        blocks(delta[..., None])[..., 0])
+  (dk, dv, dbias), dq = lax.scan(q_step, init, xs)
+  dq = jnp.moveaxis(dq, 0, 3).reshape(q.shape)
+  return dq, dk, dv, dbias
+
+
+def _accumulate_bias_grad(dbias, ds, i, j, cfg, q_pad, k_pad):
+  """Adds tile (i, j) of dL/dlogits to a bias gradient of broadcast shape."""
+  axes = tuple(a for a in range(5) if dbias.shape[a] == 1 and ds.shape[a] != 1)
+  tile = jnp.sum(ds, axis=axes, keepdims=True)
+  start = [0, 0, 0, 0, 0]
+  if dbias.shape[-2] == q_pad and q_pad != 1:
+    start[3] = i * cfg.block_q
+  if dbias.shape[-1] == k_pad and k_pad != 1:
+    start[4] = j * cfg.block_kv
+  old = lax.dynamic_slice(dbias, start, tile.shape)
+  return lax.dynamic_update_slice(dbias, old + tile, start)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg, q, k, v, bias, mask):
+  return _forward(cfg, q, k, v, bias, mask)[0]
+
+
+def _flash_fwd(cfg, q, k, v, bias, mask):
+  out, lse = _forward(cfg, q, k, v, bias, mask)
+  return out, (q, k, v, bias, mask, out, lse)
+
+
+def _flash_bwd(cfg, res, dout):
+  q, k, v, bias, mask, out, lse = res
+  dq, dk, dv, dbias = _backward(cfg, q, k, v, bias, mask, out, lse, dout)
+  dbias = None if bias is None else dbias.astype(bias.dtype)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _flatten_batch(x, batch, n_batch):
+  """``[batch..., *rest]`` (broadcastable) -> ``[B|1, *rest]``."""
+  if x is None:
+    return None
+  lead = x.shape[:n_batch]
+  if all(d == 1 for d in lead):
+    return x.reshape((1,) + x.shape[n_batch:])
+  return jnp.broadcast_to(x, batch + x.shape[n_batch:]).reshape((-1,) + x.shape[n_batch:])
+
+
+def _pad_axis(x, axis, new_len, value):
+  pad = new_len - x.shape[axis]
+  if pad == 0 or x.shape[axis] == 1:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def attention(query, key, value, bias=None, mask=None, *, is_causal=False, scale=None,
+              block_q=None, block_kv=None, precision=None):
+  """Tiled attention; same contract as :func:`attention.core.dot_product_attention`.
+
+  Args:
+    query: ``[batch..., q_len, heads, head_dim]``.
+    key: ``[batch..., kv_len, kv_heads, head_dim]``.
+    value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
+    bias: optional, broadcastable to ``[batch..., heads, q_len, kv_len]``.
+    mask: optional boolean, broadcastable like ``bias``; True = attend.
+    is_causal: top-left aligned causal attention; future key blocks are skipped.
+    scale: logit scale, default ``1/sqrt(head_dim)``.
+    block_q: query tile (default 256, capped at q_len).
+    block_kv: key tile (default 256, capped at kv_len).
+    precision: matmul precision.
+
+  Returns:
+    ``[batch..., q_len, heads, v_head_dim]``.
+  """
+  from attention.core import grouped  # local: core imports this module
+
+  batch = jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3])
+  nb = len(batch)
+  q_len, heads, d = query.shape[-3:]
+  kv_len, kv_heads = key.shape[-3], key.shape[-2]
+  groups = heads // kv_heads
+  scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+  bq = min(block_q or DEFAULT_BLOCK_Q, q_len)
+  bk = min(block_kv or DEFAULT_BLOCK_KV, kv_len)
+  q_pad, k_pad = _ceil_div(q_len, bq) * bq, _ceil_div(kv_len, bk) * bk
+  cfg = _Config(bool(is_causal), scale, bq, bk, kv_len, precision)
+
+  def heads_first(x, n):  # [B, T, kvh, (g,) D] -> [B, kvh, (g,) T, D]
+    return jnp.moveaxis(x, 1, n)
+
+  q = _flatten_batch(jnp.broadcast_to(query, batch + query.shape[-3:]), batch, nb)
+  q = q.reshape(q.shape[:2] + (kv_heads, groups, d)) * jnp.asarray(scale, query.dtype)
+  q = _pad_axis(heads_first(q, 3), 3, q_pad, 0)
+  k = _pad_axis(heads_first(_flatten_batch(jnp.broadcast_to(key, batch + key.shape[-3:]), batch, nb), 2), 2, k_pad, 0)
+  v = _pad_axis(heads_first(_flatten_batch(jnp.broadcast_to(value, batch + value.shape[-3:]), batch, nb), 2), 2, k_pad, 0)
+
+  def prep(x, fill):
+    x = _flatten_batch(grouped(x, nb, heads, groups), batch, nb)
+    if x is None:
+      return None
+    return _pad_axis(_pad_axis(x, 3, q_pad, fill), 4, k_pad, fill)
+
+  out = _flash(cfg, q, k, v, prep(bias, 0), prep(mask, False))
+  out = jnp.moveaxis(out[:, :, :, :q_len], 3, 1)  # [B, T, kvh, g, Dv]
+  out = out.reshape(batch + (q_len, heads, out.shape[-1]))
+  return out

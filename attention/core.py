@@ -1,0 +1,332 @@
+"""Scaled dot-product attention (Vaswani et al. 2017) with interchangeable backends.
+
+``dot_product_attention`` is the one entry point. It keeps the argument names of
+``flax.linen.dot_product_attention`` (so it can be passed as ``attention_fn``) and
+adds grouped-query attention, ``is_causal`` and a choice of backend:
+
+* ``"xla"``: the textbook formula in plain XLA; supports attention dropout.
+* ``"chunked"``: online softmax over ``[block_q, block_kv]`` tiles with a
+  hand-written backward pass (:mod:`attention.chunked`). Memory is O(T * block)
+  in both passes, and tiles that the mask or causality rule out are skipped.
+* ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU,
+  fp16/bf16).
+* ``None``: the fastest correct backend for the platform and the inputs.
+
+Conventions shared by every backend:
+
+* query ``[batch..., q_len, heads, head_dim]``; key/value
+  ``[batch..., kv_len, kv_heads, head_dim]`` with ``heads % kv_heads == 0``.
+* ``mask`` is boolean and broadcastable to ``[batch..., heads, q_len, kv_len]``;
+  ``True`` means attend. ``bias`` is added to the logits before masking.
+* A query row with no key to attend to returns zeros, with zero (finite)
+  gradients; ``softmax(all -inf)`` never appears.
+* The softmax runs in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from attention import chunked as _chunked
+
+Array = jax.Array
+
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+
+# Key and query lengths at or above which ``implementation=None`` prefers the
+# tiled backend on CPU; below it the per-tile bookkeeping costs more than the
+# single fused softmax saves (see benchmarks/attention_core.py).
+_CHUNKED_MIN_LEN = 512
+
+
+def _split_heads(query: Array, key: Array) -> tuple[int, int]:
+  heads, kv_heads = query.shape[-2], key.shape[-2]
+  if heads % kv_heads:
+    raise ValueError(
+        f"query has {heads} heads but key/value have {kv_heads}; the number of"
+        " query heads must be a multiple of kv heads (GQA/MQA)."
+    )
+  return kv_heads, heads // kv_heads
+
+
+def _check_shapes(query: Array, key: Array, value: Array) -> None:
+  if not query.ndim == key.ndim == value.ndim or query.ndim < 3:
+    raise ValueError(
+        "query, key and value must have the same rank >= 3, got shapes"
+        f" {query.shape}, {key.shape}, {value.shape}."
+    )
+  if key.shape[:-1] != value.shape[:-1]:
+    raise ValueError(
+        f"key {key.shape} and value {value.shape} must agree on"
+        " [batch..., kv_len, kv_heads]."
+    )
+  if query.shape[-1] != key.shape[-1]:
+    raise ValueError(
+        f"query head_dim {query.shape[-1]} != key head_dim {key.shape[-1]}."
+    )
+  try:
+    jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3])
+  except ValueError:
+    raise ValueError(
+        f"batch dims of query {query.shape[:-3]} and key {key.shape[:-3]} do"
+        " not broadcast."
+    ) from None
+
+
+def grouped(x: Array | None, ndim_batch: int, heads: int, groups: int):
+  """Reshapes a mask/bias ``[batch..., heads|1, q|1, k|1]`` to ``[batch..., kv_heads|1, groups|1, q|1, k|1]``."""
+  if x is None:
+    return None
+  want = ndim_batch + 3
+  if x.ndim > want:
+    raise ValueError(
+        f"mask/bias of shape {x.shape} has more dims than [batch..., heads,"
+        f" q_len, kv_len] ({want})."
+    )
+  x = x.reshape((1,) * (want - x.ndim) + x.shape)
+  h = x.shape[-3]
+  if h == heads:
+    x = x.reshape(x.shape[:-3] + (heads // groups, groups) + x.shape[-2:])
+  elif h == 1:
+    x = x.reshape(x.shape[:-3] + (1, 1) + x.shape[-2:])
+  else:
+    raise ValueError(
+        f"mask/bias head axis has size {h}; it must be 1 or the number of"
+        f" query heads ({heads})."
+    )
+  return x
+
+
+def as_bool_mask(mask: Array | None) -> Array | None:
+  """Boolean view of a mask; flax's helpers return float 0/1 masks, nonzero = attend."""
+  if mask is None or mask.dtype == jnp.bool_:
+    return mask
+  return mask != 0
+
+
+def causal_mask(q_len: int, kv_len: int) -> Array:
+  """``[q_len, kv_len]`` boolean, query i attends keys j <= i (top-left aligned, as jax.nn)."""
+  q = jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
+  k = jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 1)
+  return k <= q
+
+
+def _and(a: Array | None, b: Array | None) -> Array | None:
+  if a is None:
+    return b
+  if b is None:
+    return a
+  return jnp.logical_and(a, b)
+
+
+def dot_product_attention_weights(
+    query: Array,
+    key: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    precision: Any = None,
+) -> Array:
+  """Attention probabilities ``[batch..., heads, q_len, kv_len]`` (float32).
+
+  Used for ``sow_weights`` and alignment plots: it recomputes the weights on
+  demand, whichever backend produced the attention output. Fully masked rows
+  are all zeros.
+
+  Args:
+    query: ``[batch..., q_len, heads, head_dim]``.
+    key: ``[batch..., kv_len, kv_heads, head_dim]``.
+    bias: optional, broadcastable to ``[batch..., heads, q_len, kv_len]``.
+    mask: optional boolean, broadcastable like ``bias``; True = attend.
+    is_causal: apply a top-left aligned causal mask.
+    scale: logit scale; defaults to ``1/sqrt(head_dim)``.
+    precision: matmul precision.
+  """
+  _, groups = _split_heads(query, key)
+  key = jnp.repeat(key, groups, axis=-2) if groups > 1 else key
+  scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+  logits = jnp.einsum(
+      "...qhd,...khd->...hqk", query * jnp.asarray(scale, query.dtype), key,
+      precision=precision, preferred_element_type=jnp.float32,
+  )
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  mask = as_bool_mask(mask)
+  if is_causal:
+    mask = _and(mask, causal_mask(query.shape[-3], key.shape[-3]))
+  return _safe_softmax(logits, mask)
+
+
+def _safe_softmax(logits: Array, mask: Array | None) -> Array:
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  logits = jnp.where(mask, logits, _chunked.NEG_INF)
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  # On a fully masked row m is NEG_INF itself; shifting by 0 instead makes every
+  # exp() underflow to 0, so the row comes out as zeros rather than uniform.
+  m = jnp.where(m > _chunked.NEG_INF, m, 0.0)
+  e = jnp.exp(logits - m)
+  denom = jnp.sum(e, axis=-1, keepdims=True)
+  return e / jnp.where(denom > 0, denom, 1.0)
+
+
+def _xla(query, key, value, bias, mask, is_causal, scale, precision,
+         dropout_rng, dropout_rate, broadcast_dropout, deterministic):
+  # GQA by repeating kv heads: the [q, k] logits dominate memory anyway, and
+  # plain 4-D einsums compile to faster CPU code than a grouped 5-D layout.
+  _, groups = _split_heads(query, key)
+  if groups > 1:
+    value = jnp.repeat(value, groups, axis=-2)
+  probs = dot_product_attention_weights(
+      query, key, bias, mask, is_causal=is_causal, scale=scale, precision=precision)
+  if not deterministic and dropout_rate > 0.0:
+    if dropout_rng is None:
+      raise ValueError("dropout_rate > 0 with deterministic=False needs a dropout_rng.")
+    keep_prob = 1.0 - dropout_rate
+    shape = probs.shape
+    if broadcast_dropout:  # one pattern shared by the batch and head dims
+      shape = (1,) * (probs.ndim - 2) + probs.shape[-2:]
+    keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+    probs = probs * (keep.astype(probs.dtype) / keep_prob)
+  return jnp.einsum(
+      "...hqk,...khd->...qhd", probs.astype(value.dtype), value,
+      precision=precision, preferred_element_type=jnp.float32,
+  )
+
+
+def _cudnn(query, key, value, bias, mask, is_causal, scale):
+  batch = jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3])
+  flat = lambda x: jnp.broadcast_to(x, batch + x.shape[-3:]).reshape((-1,) + x.shape[-3:])
+  q, k, v = flat(query), flat(key), flat(value)
+  heads = query.shape[-2]
+
+  def four_d(x):
+    if x is None:
+      return None
+    x = x.reshape((1,) * (len(batch) + 3 - x.ndim) + x.shape)
+    lead = x.shape[:-3]
+    if all(d == 1 for d in lead):
+      return x.reshape((1,) + x.shape[-3:])
+    return jnp.broadcast_to(x, batch + x.shape[-3:]).reshape((-1,) + x.shape[-3:])
+
+  b4, m4 = four_d(bias), four_d(mask)
+  out = jax.nn.dot_product_attention(
+      q, k, v, bias=None if b4 is None else b4.astype(q.dtype), mask=m4,
+      scale=scale, is_causal=is_causal, implementation="cudnn",
+  )
+  if m4 is not None:
+    # cuDNN spreads a fully masked row uniformly over its keys; the library-wide
+    # contract is zeros, so rows with nothing to attend to are zeroed here.
+    allowed = _and(m4, causal_mask(q.shape[1], k.shape[1]) if is_causal else None)
+    valid = jnp.any(allowed, axis=-1)  # [b|1, h|1, q]
+    valid = jnp.broadcast_to(valid, (q.shape[0], heads, q.shape[1]))
+    out = jnp.where(jnp.swapaxes(valid, 1, 2)[..., None], out, 0)
+  return out.reshape(batch + out.shape[1:])
+
+
+def default_implementation(
+    query: Array, key: Array, *, dropout: bool = False
+) -> str:
+  """The backend ``implementation=None`` resolves to for these inputs."""
+  if dropout:
+    return "xla"
+  platform = jax.default_backend()
+  if (
+      platform == "gpu"
+      and query.dtype in (jnp.bfloat16, jnp.float16)
+      and query.shape[-1] <= 128
+      and query.shape[-1] % 8 == 0
+  ):
+    return "cudnn"
+  if min(query.shape[-3], key.shape[-3]) >= _CHUNKED_MIN_LEN:
+    return "chunked"
+  return "xla"
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    broadcast_dropout: bool = True,
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype: Any = None,
+    precision: Any = None,
+    module: Any = None,
+    force_fp32_for_softmax: bool = True,
+    *,
+    is_causal: bool = False,
+    implementation: str | None = None,
+    scale: float | None = None,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+) -> Array:
+  """Computes ``softmax(q k^T * scale + bias, where=mask) v``.
+
+  Args:
+    query: ``[batch..., q_len, heads, head_dim]``.
+    key: ``[batch..., kv_len, kv_heads, head_dim]``; ``heads % kv_heads == 0``.
+    value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
+    bias: optional logit bias broadcastable to ``[batch..., heads, q_len, kv_len]``.
+    mask: optional boolean mask broadcastable to ``[batch..., heads, q_len,
+      kv_len]``; True = attend.
+    broadcast_dropout: share the dropout pattern over batch and heads.
+    dropout_rng: PRNG key for attention dropout.
+    dropout_rate: attention dropout probability (``"xla"`` backend only).
+    deterministic: disables dropout.
+    dtype: computation dtype (default: promoted from the inputs).
+    precision: matmul precision.
+    module: if given, the attention weights are sown into its
+      ``intermediates`` collection (flax's ``attention_fn`` protocol).
+    force_fp32_for_softmax: kept for flax compatibility; the softmax always
+      runs in float32.
+    is_causal: causal attention without a mask array; query i attends keys
+      ``j <= i``. Tiled backends skip key blocks wholly in the future.
+    implementation: ``"xla"``, ``"chunked"``, ``"cudnn"`` or None (auto).
+    scale: logit scale, default ``1/sqrt(head_dim)``.
+    block_q: query tile size for ``"chunked"``.
+    block_kv: key tile size for ``"chunked"``.
+
+  Returns:
+    ``[batch..., q_len, heads, v_head_dim]`` in the computation dtype.
+  """
+  del force_fp32_for_softmax  # always on: see the module docstring
+  query, key, value = promote_dtype(query, key, value, dtype=dtype)
+  _check_shapes(query, key, value)
+  _split_heads(query, key)
+  mask = as_bool_mask(mask)
+  dropout = (not deterministic) and dropout_rate > 0.0
+  impl = implementation or default_implementation(query, key, dropout=dropout)
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation={impl!r} is unknown; use one of {IMPLEMENTATIONS} or None."
+    )
+  if dropout and impl != "xla":
+    raise ValueError(
+        f"attention dropout is only supported by implementation='xla', not {impl!r};"
+        " set dropout_rate=0 or deterministic=True, or use 'xla'."
+    )
+  if module is not None:
+    module.sow("intermediates", "attention_weights", dot_product_attention_weights(
+        query, key, bias, mask, is_causal=is_causal, scale=scale, precision=precision))
+  if impl == "xla":
+    out = _xla(query, key, value, bias, mask, is_causal, scale, precision,
+               dropout_rng, dropout_rate, broadcast_dropout, deterministic)
+  elif impl == "cudnn":
+    out = _cudnn(query, key, value, bias, mask, is_causal, scale)
+  else:
+    out = _chunked.attention(query, key, value, bias, mask, is_causal=is_causal,
+                             scale=scale, block_q=block_q, block_kv=block_kv,
+                             precision=precision)
+  return out.astype(query.dtype)

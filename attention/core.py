@@ -312,6 +312,11 @@ def dot_product_attention(
     raise ValueError(
         f"implementation={impl!r} is unknown; use one of {IMPLEMENTATIONS} or None."
     )
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ValueError(
+        f"implementation='cudnn' needs a GPU (this backend is {jax.default_backend()!r});"
+        " use 'xla', 'chunked' or None."
+    )
   if dropout and impl != "xla":
     raise ValueError(
         f"attention dropout is only supported by implementation='xla', not {impl!r};"

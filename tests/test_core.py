@@ -1,0 +1,221 @@
+"""dot_product_attention: every backend against float64 numpy, masks, GQA, gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attention import dot_product_attention, dot_product_attention_weights
+from attention.core import default_implementation
+from tests import reference
+
+BACKENDS = ["xla", "chunked", None]
+TILES = dict(block_q=8, block_kv=16)  # small tiles so the tests cross many tile edges
+
+
+def attend(q, k, v, impl, **kw):
+  extra = TILES if impl == "chunked" else {}
+  return dot_product_attention(q, k, v, implementation=impl, **extra, **kw)
+
+
+def rand(rng, *shape):
+  return rng.normal(size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize(
+    "heads,kv_heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_float64_reference(impl, heads, kv_heads, causal):
+  rng = np.random.default_rng(0)
+  b, t, s, d = 2, 37, 53, 16
+  q, k, v = rand(rng, b, t, heads, d), rand(rng, b, s, kv_heads, d), rand(rng, b, s, kv_heads, d)
+  mask = rng.random((b, 1, t, s)) > 0.3
+  bias = rand(rng, 1, heads, t, s)
+  out = attend(q, k, v, impl, mask=jnp.asarray(mask), bias=jnp.asarray(bias), is_causal=causal)
+  ref, _ = reference.attention_forward(q, k, v, mask, bias, causal)
+  np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_float64_reference(impl, causal):
+  rng = np.random.default_rng(1)
+  b, t, h, d = 2, 29, 3, 8
+  q, k, v, dout = (rand(rng, b, t, h, d) for _ in range(4))
+  mask = rng.random((b, 1, 1, t)) > 0.2  # key padding
+  mask[:, :, :, 0] = True
+
+  def loss(q, k, v):
+    return jnp.sum(attend(q, k, v, impl, mask=jnp.asarray(mask), is_causal=causal) * dout)
+
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  refs = reference.attention_backward(q, k, v, dout, mask, causal)
+  for g, r in zip(grads, refs):
+    np.testing.assert_allclose(np.asarray(g), r, atol=5e-5, rtol=1e-4)
+
+
+def test_chunked_bias_gradient_matches_xla():
+  rng = np.random.default_rng(2)
+  q, k, v = (rand(rng, 2, 20, 2, 8) for _ in range(3))
+  for bias_shape in [(1, 2, 20, 20), (2, 1, 1, 20), (20, 20)]:
+    bias = jnp.asarray(rand(rng, *bias_shape))
+    grads = [
+        jax.grad(lambda bb: jnp.sum(attend(q, k, v, impl, bias=bb, is_causal=True) ** 2))(bias)
+        for impl in ("xla", "chunked")
+    ]
+    np.testing.assert_allclose(grads[1], grads[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_mask_broadcast_shapes(impl):
+  rng = np.random.default_rng(3)
+  b1, b2, t, h, d = 2, 3, 11, 2, 8
+  q, k, v = (rand(rng, b1, b2, t, h, d) for _ in range(3))
+  for shape in [(t, t), (1, t), (b2, 1, 1, t), (b1, b2, h, t, t), (b1, 1, 1, 1, t)]:
+    mask = rng.random(shape) > 0.3
+    out = attend(q, k, v, impl, mask=jnp.asarray(mask))
+    ref, _ = reference.attention_forward(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-5, err_msg=str(shape))
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_padding_on_both_sides_and_fully_masked_rows(impl):
+  """Left+right padding; padded queries have no valid key: zeros, finite grads."""
+  rng = np.random.default_rng(4)
+  b, t, h, d = 2, 12, 2, 8
+  q, k, v = (rand(rng, b, t, h, d) for _ in range(3))
+  valid = np.zeros((b, t), bool)
+  valid[0, 2:9] = True     # padding on both sides
+  valid[1, :] = False      # an all-padding example
+  mask = nn.make_attention_mask(valid, valid, dtype=bool)
+  out = attend(q, k, v, impl, mask=mask)
+  ref, _ = reference.attention_forward(q, k, v, np.asarray(mask))
+  np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
+  assert np.all(np.asarray(out)[1] == 0) and np.all(np.asarray(out)[0, :2] == 0)
+  grads = jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, impl, mask=mask) ** 2),
+                   argnums=(0, 1, 2))(q, k, v)
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g)))
+  assert np.all(np.asarray(grads[0])[1] == 0)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_float_masks_from_flax_helpers(impl):
+  rng = np.random.default_rng(5)
+  q, k, v = (rand(rng, 2, 10, 2, 8) for _ in range(3))
+  float_mask = nn.make_causal_mask(jnp.ones((2, 10)))  # float32 0/1, as flax returns
+  out = attend(q, k, v, impl, mask=float_mask)
+  ref, _ = reference.attention_forward(q, k, v, causal=True)
+  np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5)
+
+
+def test_future_blocks_are_skipped():
+  """Skipped tiles are never read: NaN values there cannot leak into the output.
+
+  A non-skipping kernel computes 0 * NaN = NaN for masked keys, so finiteness
+  of the first query block proves the future key blocks were not touched.
+  """
+  rng = np.random.default_rng(6)
+  t, bq = 64, 16
+  q, k, v = (rand(rng, 1, t, 1, 8) for _ in range(3))
+  v[:, bq:] = np.nan
+  k[:, bq:] = np.nan
+  kw = dict(block_q=bq, block_kv=bq)
+  causal_out = dot_product_attention(q, k, v, is_causal=True, implementation="chunked", **kw)
+  mask_out = dot_product_attention(q, k, v, mask=nn.make_causal_mask(jnp.ones((1, t)), dtype=bool),
+                                   implementation="chunked", **kw)
+  ref, _ = reference.attention_forward(q[:, :bq], k[:, :bq], v[:, :bq], causal=True)
+  for out in (causal_out, mask_out):
+    np.testing.assert_allclose(np.asarray(out)[:, :bq], ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_bf16_inputs_softmax_in_fp32(impl):
+  rng = np.random.default_rng(7)
+  q, k, v = (rand(rng, 2, 24, 2, 16) * 4 for _ in range(3))
+  qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  out = attend(qb, kb, vb, impl, is_causal=True)
+  assert out.dtype == jnp.bfloat16
+  ref, _ = reference.attention_forward(np.asarray(qb.astype(jnp.float32)),
+                                       np.asarray(kb.astype(jnp.float32)),
+                                       np.asarray(vb.astype(jnp.float32)), causal=True)
+  np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), ref, atol=0.06, rtol=0.02)
+  w = dot_product_attention_weights(qb, kb, is_causal=True)
+  assert w.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, atol=1e-6)
+
+
+def test_chunked_handles_32k_tokens():
+  """T=32768 self-attention forward+backward runs; sampled rows match float64."""
+  rng = np.random.default_rng(8)
+  t, d = 32768, 16
+  q, k, v = (jnp.asarray(rand(rng, 1, t, 1, d)) for _ in range(3))
+  f = jax.jit(jax.value_and_grad(
+      lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, is_causal=True, implementation="chunked",
+                                                    block_q=1024, block_kv=1024)[..., 0]),
+      argnums=(0, 1, 2)))
+  (val, grads) = f(q, k, v)
+  out = dot_product_attention(q, k, v, is_causal=True, implementation="chunked", block_q=1024, block_kv=1024)
+  assert np.isfinite(float(val)) and all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+  qn, kn, vn = (np.asarray(x, np.float64)[0, :, 0] for x in (q, k, v))
+  for row in (0, 1000, 20000, t - 1):
+    s = kn[: row + 1] @ qn[row] / np.sqrt(d)
+    p = np.exp(s - s.max())
+    np.testing.assert_allclose(np.asarray(out)[0, row, 0], (p / p.sum()) @ vn[: row + 1], atol=2e-5)
+
+
+def test_dropout_only_in_xla_and_reproducible():
+  rng = np.random.default_rng(9)
+  q, k, v = (rand(rng, 2, 8, 2, 4) for _ in range(3))
+  key = jax.random.key(0)
+  a = dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=key)
+  b = dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=key)
+  c = dot_product_attention(q, k, v, dropout_rate=0.5, deterministic=True)
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  np.testing.assert_allclose(c, reference.attention_forward(q, k, v)[0], atol=2e-5)
+  with pytest.raises(ValueError, match="only supported by implementation='xla'"):
+    dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=key, implementation="chunked")
+
+
+def test_errors_are_clear():
+  q = jnp.zeros((1, 4, 3, 8))
+  with pytest.raises(ValueError, match="multiple of kv heads"):
+    dot_product_attention(q, jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 2, 8)))
+  with pytest.raises(ValueError, match="unknown"):
+    dot_product_attention(q, q, q, implementation="flash")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="needs a GPU"):
+      dot_product_attention(q, q, q, implementation="cudnn")
+
+
+def test_auto_picks_by_platform_and_size():
+  small, big = jnp.zeros((1, 64, 2, 8)), jnp.zeros((1, 4096, 2, 8))
+  assert default_implementation(small, small) == "xla"
+  assert default_implementation(big, big, dropout=True) == "xla"
+  if jax.default_backend() == "cpu":
+    assert default_implementation(big, big) == "chunked"
+
+
+def test_usable_as_flax_attention_fn():
+  """Works as attention_fn of flax's own module and matches flax's default."""
+  x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+  mask = nn.make_causal_mask(jnp.ones((2, 7)))
+  ours = nn.MultiHeadDotProductAttention(num_heads=2, attention_fn=dot_product_attention)
+  theirs = nn.MultiHeadDotProductAttention(num_heads=2)
+  params = theirs.init(jax.random.key(1), x)
+  np.testing.assert_allclose(ours.apply(params, x, mask=mask), theirs.apply(params, x, mask=mask),
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", BACKENDS)
+def test_under_vmap_jit_and_grad(impl):
+  rng = np.random.default_rng(10)
+  q, k, v = (rand(rng, 3, 2, 9, 2, 4) for _ in range(3))  # leading axis vmapped
+  f = jax.jit(jax.vmap(lambda q, k, v: attend(q, k, v, impl, is_causal=True)))
+  ref, _ = reference.attention_forward(q, k, v, causal=True)
+  np.testing.assert_allclose(np.asarray(f(q, k, v)), ref, atol=2e-5)
+  g = jax.grad(lambda q: jnp.sum(f(q, k, v)))(q)
+  assert np.all(np.isfinite(np.asarray(g)))

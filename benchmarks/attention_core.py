@@ -1,0 +1,206 @@
+"""Benchmark: our ``dot_product_attention`` backends against flax's and jax.nn's.
+
+Times forward and forward+backward, reports achieved GFLOP/s and the max error
+against a float64 numpy reference, and prints the speed ratio of each of ours
+against ``flax.linen.dot_product_attention`` measured in the same run.
+
+    python -m benchmarks.attention_core                      # T = 256..4096
+    python -m benchmarks.attention_core --lengths 1024 --batch 4 --heads 8 --head_dim 64
+    python -m benchmarks.attention_core --memory --budget_gb 4   # largest T per backend
+
+FLOPs: forward = 4·B·H·Tq·Tk·D (two matmuls), halved when causal; forward +
+backward counts 3.5× that (the backward pass does five matmuls of the same size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _peers():
+  import flax.linen as nn
+  from attention import dot_product_attention
+
+  def ours(impl):
+    def f(q, k, v, mask, causal):
+      if causal == "is_causal":
+        return dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+      return dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    return f
+
+  def flax_fn(q, k, v, mask, causal):
+    return nn.dot_product_attention(q, k, v, mask=mask)
+
+  def jaxnn(q, k, v, mask, causal):
+    if causal == "is_causal":
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+  impls = {"flax": flax_fn, "jax.nn": jaxnn, "ours(auto)": ours(None),
+           "ours(xla)": ours("xla"), "ours(chunked)": ours("chunked")}
+  if jax.default_backend() == "gpu":
+    impls["ours(cudnn)"] = ours("cudnn")
+  return impls
+
+
+def _mask(kind, b, t):
+  import flax.linen as nn
+  if kind in ("causal_mask", "is_causal"):
+    return nn.make_causal_mask(jnp.ones((b, t)), dtype=bool)
+  if kind == "padding":
+    lengths = np.linspace(t // 2, t, b).astype(int)
+    valid = jnp.asarray(np.arange(t)[None] < lengths[:, None])
+    return nn.make_attention_mask(valid, valid, dtype=bool)
+  return None
+
+
+def _time(fn, args, repeats):
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def _reference_row_block(q, k, v, mask):
+  """float64 output of example 0, head 0 (heads and examples are independent)."""
+  q, k, v = (np.asarray(x[0, :, 0], np.float64) for x in (q, k, v))
+  s = q @ k.T / np.sqrt(q.shape[-1])
+  allowed = np.ones(s.shape, bool) if mask is None else np.asarray(mask)[0, 0]
+  s = np.where(allowed, s, -np.inf)
+  m = np.max(s, -1, keepdims=True)
+  e = np.exp(s - np.where(np.isfinite(m), m, 0)) * allowed
+  den = e.sum(-1, keepdims=True)
+  return (e / np.where(den > 0, den, 1)) @ v
+
+
+def run_speed(args):
+  impls = _peers()
+  dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+  rows = []
+  for t in args.lengths:
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(args.batch, t, args.heads, args.head_dim)), dtype)
+               for _ in range(3))
+    for kind in args.masks:
+      mask = _mask(kind, args.batch, t)
+      ref = _reference_row_block(q.astype(jnp.float32), k.astype(jnp.float32),
+                                 v.astype(jnp.float32), mask)
+      flops = 4 * args.batch * args.heads * t * t * args.head_dim
+      if kind in ("causal_mask", "is_causal"):
+        flops //= 2
+      base = {}
+      for name, fn in impls.items():
+        fwd = jax.jit(lambda q, k, v, m, fn=fn: fn(q, k, v, m, kind))
+        grad = jax.jit(jax.grad(lambda q, k, v, m, fn=fn: jnp.sum(
+            fn(q, k, v, m, kind).astype(jnp.float32)), argnums=(0, 1, 2)))
+        try:
+          out = fwd(q, k, v, mask)
+          err = float(np.max(np.abs(np.asarray(out[0, :, 0], np.float64) - ref)))
+          t_f = _time(fwd, (q, k, v, mask), args.repeats)
+          t_b = _time(grad, (q, k, v, mask), args.repeats)
+        except Exception as e:  # e.g. cuDNN rejecting a shape: report, keep going
+          print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0]}")
+          continue
+        if name == "flax":
+          base = {"fwd": t_f, "fwd_bwd": t_b}
+        row = dict(T=t, mask=kind, impl=name, fwd_ms=t_f * 1e3, fwd_bwd_ms=t_b * 1e3,
+                   fwd_gflops=flops / t_f / 1e9, fwd_bwd_gflops=3.5 * flops / t_b / 1e9,
+                   max_err=err,
+                   speedup_fwd=base["fwd"] / t_f if base else None,
+                   speedup_fwd_bwd=base["fwd_bwd"] / t_b if base else None)
+        rows.append(row)
+        print(f"T={t:5d} {kind:11s} {name:14s} fwd {row['fwd_ms']:8.1f} ms "
+              f"({row['fwd_gflops']:6.1f} GF/s, x{row['speedup_fwd'] or 0:4.2f} vs flax)  "
+              f"fwd+bwd {row['fwd_bwd_ms']:8.1f} ms (x{row['speedup_fwd_bwd'] or 0:4.2f})  "
+              f"err {err:.1e}", flush=True)
+  return rows
+
+
+def _peak_rss_child(impl, t, heads, head_dim):
+  """Runs one causal fwd+bwd in this (fresh) process and prints its peak RSS in bytes."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, t, heads, head_dim)), jnp.float32) for _ in range(3))
+  fn = _peers()[impl]
+  mask = None if impl.startswith("ours") else _mask("causal_mask", 1, t)
+  kind = "is_causal" if impl.startswith("ours") else "causal_mask"
+  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, mask, kind)), argnums=(0, 1, 2)))
+  jax.block_until_ready(grad(q, k, v))
+  print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def run_memory(args):
+  rows = []
+  for impl in args.memory_impls:
+    best = None
+    for t in args.memory_lengths:
+      cmd = [sys.executable, "-m", "benchmarks.attention_core", "--_child", impl, str(t),
+             str(args.memory_heads), str(args.head_dim)]
+      try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout,
+                             env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
+        rss = int(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None
+      except (subprocess.TimeoutExpired, ValueError, IndexError):
+        rss = None
+      fits = rss is not None and rss <= args.budget_gb * 2**30
+      rows.append(dict(impl=impl, T=t, peak_rss_gb=None if rss is None else rss / 2**30, fits=fits))
+      shown = "failed/timeout" if rss is None else f"{rss / 2**30:6.2f} GB"
+      print(f"memory {impl:14s} T={t:6d} heads={args.memory_heads} peak RSS {shown}", flush=True)
+      if not fits:
+        break
+      best = t
+    print(f"  largest T within {args.budget_gb} GB for {impl}: {best}")
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
+  p.add_argument("--masks", nargs="+", default=["causal_mask", "is_causal", "padding"],
+                 choices=["none", "causal_mask", "is_causal", "padding"])
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--head_dim", type=int, default=64)
+  p.add_argument("--dtype", default="bf16" if jax.default_backend() == "gpu" else "fp32",
+                 choices=["fp32", "bf16"])
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--memory", action="store_true", help="also run the peak-RSS sweep")
+  p.add_argument("--memory_only", action="store_true")
+  p.add_argument("--budget_gb", type=float, default=4.0)
+  p.add_argument("--memory_impls", nargs="+", default=["ours(chunked)", "flax", "jax.nn"])
+  p.add_argument("--memory_lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+  p.add_argument("--memory_heads", type=int, default=1)
+  p.add_argument("--memory_timeout", type=float, default=900)
+  p.add_argument("--out", default="benchmarks/out/attention_core.json")
+  p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args._child:
+    impl, t, h, d = args._child
+    return _peak_rss_child(impl, int(t), int(h), int(d))
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  result = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+            "args": {k: v for k, v in vars(args).items() if k != "_child"}}
+  if not args.memory_only:
+    result["speed"] = run_speed(args)
+  if args.memory or args.memory_only:
+    result["memory"] = run_memory(args)
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -19,102 +19,12 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax.typing import Array, Dtype, Initializer, PrecisionLike
 
+from attention.masks import expand_memory_mask, masked_softmax
+
 __all__ = [
     "AdditiveAttention",
-    "masked_softmax",
-    "expand_memory_mask",
     "attend",
 ]
-
-
-def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> Array:
-  """Softmax that gives exactly zero weight to masked positions.
-
-  The computation always runs in float32, whatever the dtype of ``scores``:
-  bf16 has too little mantissa for the exp/normalise step to be trusted.
-
-  A row in which every position is masked yields all-zero weights (not a
-  uniform distribution, and not NaN), and the gradient through such a row is
-  exactly zero. This is why masking is done with ``-inf`` *inside* the
-  exponent and the normaliser is replaced by 1 when it is zero: dividing by a
-  tiny epsilon instead would turn the incoming cotangent into ``g / eps``,
-  which overflows to ``inf`` and then produces ``inf * 0 = NaN``.
-
-  Args:
-    scores: Unnormalised scores, any float dtype, e.g. ``[batch, q_len, kv_len]``.
-    mask: Optional boolean array broadcastable to ``scores.shape``;
-      ``True`` marks positions that may be attended to.
-    axis: Axis to normalise over.
-
-  Returns:
-    float32 weights with the shape of ``scores``; each row sums to 1 over its
-    unmasked positions, or to 0 when it has none.
-  """
-  scores = scores.astype(jnp.float32)
-  if mask is None:
-    return jax.nn.softmax(scores, axis=axis)
-  mask = jnp.broadcast_to(mask, scores.shape)
-  row_max = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=axis, keepdims=True)
-  # A fully masked row has max -inf; any finite shift is fine there because
-  # every entry is replaced by -inf below. The shift is a constant for the
-  # softmax, so cutting its gradient changes nothing but saves work.
-  row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-  # Masked entries go to -inf *before* exp: exp(-inf) = 0 and its derivative
-  # is 0, whereas exp(large) followed by a where() would leak inf*0 = NaN
-  # into the backward pass.
-  unnormalised = jnp.exp(jnp.where(mask, scores - row_max, -jnp.inf))
-  total = jnp.sum(unnormalised, axis=axis, keepdims=True)
-  # Any row with an unmasked entry has total >= 1 (its max contributes
-  # exp(0)), so only fully masked rows (total == 0) take the replacement.
-  return unnormalised / jnp.where(total > 0, total, 1.0)
-
-
-def expand_memory_mask(
-    mask: Array | None,
-    *,
-    batch: int,
-    q_len: int,
-    kv_len: int,
-    single_step: bool,
-) -> Array | None:
-  """Brings a user mask over memory positions to ``[batch, q_len, kv_len]``.
-
-  A ``[batch, kv_len]`` padding mask is the common case for both single-step
-  and multi-step queries. NumPy broadcasting would align such a mask's batch
-  axis with ``q_len``, so the query axis is inserted explicitly here.
-
-  Args:
-    mask: ``None`` or a boolean array. For a single-step query it must be
-      broadcastable to ``[batch, kv_len]``. For a multi-step query it may be
-      broadcastable to ``[batch, kv_len]`` (same mask for every query step) or
-      have rank 3 and be broadcastable to ``[batch, q_len, kv_len]``.
-    batch: Batch size.
-    q_len: Number of query steps (1 for a single-step query).
-    kv_len: Memory length.
-    single_step: Whether the query had no time axis.
-
-  Returns:
-    ``None`` if ``mask`` is ``None``, else a boolean ``[batch, q_len, kv_len]``.
-
-  Raises:
-    TypeError: If ``mask`` is not boolean.
-    ValueError: If ``mask`` has an unsupported rank or shape.
-  """
-  if mask is None:
-    return None
-  mask = jnp.asarray(mask)
-  if mask.dtype != jnp.bool_:
-    # Refuse rather than cast: an additive float mask (0 / -inf) cast to bool
-    # would silently invert its meaning.
-    raise TypeError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
-  if mask.ndim <= 2:
-    mask = jnp.broadcast_to(mask, (batch, kv_len))[:, None, :]
-  elif mask.ndim == 3 and not single_step:
-    pass
-  else:
-    expected = "[batch, kv_len]" if single_step else "[batch, kv_len] or [batch, q_len, kv_len]"
-    raise ValueError(f"mask of shape {mask.shape} is not broadcastable to {expected}")
-  return jnp.broadcast_to(mask, (batch, q_len, kv_len))
 
 
 def attend(

@@ -25,7 +25,6 @@ Conventions shared by every backend:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from attention import chunked as _chunked
+from attention.masks import as_bool_mask, causal_mask, masked_softmax
 
 Array = jax.Array
 
@@ -103,20 +103,6 @@ def grouped(x: Array | None, ndim_batch: int, heads: int, groups: int):
   return x
 
 
-def as_bool_mask(mask: Array | None) -> Array | None:
-  """Boolean view of a mask; flax's helpers return float 0/1 masks, nonzero = attend."""
-  if mask is None or mask.dtype == jnp.bool_:
-    return mask
-  return mask != 0
-
-
-def causal_mask(q_len: int, kv_len: int) -> Array:
-  """``[q_len, kv_len]`` boolean, query i attends keys j <= i (top-left aligned, as jax.nn)."""
-  q = jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
-  k = jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 1)
-  return k <= q
-
-
 def _and(a: Array | None, b: Array | None) -> Array | None:
   if a is None:
     return b
@@ -162,20 +148,7 @@ def dot_product_attention_weights(
   mask = as_bool_mask(mask)
   if is_causal:
     mask = _and(mask, causal_mask(query.shape[-3], key.shape[-3]))
-  return _safe_softmax(logits, mask)
-
-
-def _safe_softmax(logits: Array, mask: Array | None) -> Array:
-  if mask is None:
-    return jax.nn.softmax(logits, axis=-1)
-  logits = jnp.where(mask, logits, _chunked.NEG_INF)
-  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  # On a fully masked row m is NEG_INF itself; shifting by 0 instead makes every
-  # exp() underflow to 0, so the row comes out as zeros rather than uniform.
-  m = jnp.where(m > _chunked.NEG_INF, m, 0.0)
-  e = jnp.exp(logits - m)
-  denom = jnp.sum(e, axis=-1, keepdims=True)
-  return e / jnp.where(denom > 0, denom, 1.0)
+  return masked_softmax(logits, mask)
 
 
 def _xla(query, key, value, bias, mask, is_causal, scale, precision,

@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attention.masks import masked_softmax
+
 __all__ = ["LSTMNCarry", "FusionCarry", "EncoderTape", "LSTMNCell",
            "ShallowFusionLSTMNCell", "DeepFusionLSTMNCell", "LSTMN",
            "ShallowFusionLSTMN", "DeepFusionLSTMN"]
@@ -69,23 +71,6 @@ class EncoderTape(NamedTuple):
     proj: Array  # [batch, S, attention_dim]: precomputed W_gamma gamma_j
     mask: Array  # [batch, S] bool: True for real source tokens
     memory: Optional[Array] = None  # [batch, S, features]: alpha (deep fusion only)
-
-
-def _masked_softmax(scores: Array, mask: Array) -> Array:
-    """Float32 softmax of ``scores [..., n]`` over entries where ``mask
-    [..., n]`` is True; exactly 0 elsewhere.
-
-    A row with no valid entry (the empty tape at ``t = 1``) yields all-zero
-    weights with finite gradients: no ``0/0`` and no ``inf - inf``.
-    """
-    scores = scores.astype(jnp.float32)
-    shift = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=-1, keepdims=True)
-    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
-    # Inner where keeps masked logits from overflowing exp before the outer
-    # where drops them; both are needed for NaN-free gradients.
-    expd = jnp.where(mask, jnp.exp(jnp.where(mask, scores, shift) - shift), 0.0)
-    denom = jnp.sum(expd, axis=-1, keepdims=True)
-    return expd / jnp.where(denom > 0, denom, 1.0)
 
 
 def _weighted_sum(weights: Array, tape: Array) -> Array:
@@ -195,7 +180,7 @@ class LSTMNCell(_LSTMNConfig):
         """Returns ``(h~_t [b, F], c~_t [b, F], s^t [b, max_len] f32)``."""
         query = self.W_x(x_t) + self.W_htilde(carry.h_tilde)
         scores = self.v(jnp.tanh(carry.h_tape_proj + query[:, None, :]))[..., 0]
-        weights = _masked_softmax(scores, carry.tape_mask)
+        weights = masked_softmax(scores, carry.tape_mask)
         return (_weighted_sum(weights, carry.h_tape),
                 _weighted_sum(weights, carry.c_tape), weights)
 
@@ -299,7 +284,7 @@ class _FusionCellBase(LSTMNCell):
         """Returns ``(gamma~_t [b, enc_features], p^t [b, S] f32)``."""
         query = self.W_x_inter(x_t) + self.W_gammatilde(gamma_prev)
         scores = self.u(jnp.tanh(enc.proj + query[:, None, :]))[..., 0]
-        weights = _masked_softmax(scores, enc.mask)
+        weights = masked_softmax(scores, enc.mask)
         return _weighted_sum(weights, enc.hidden), weights
 
     def _fusion_terms(self, gamma_tilde: Array, inter: Array, x_t: Array,

@@ -27,7 +27,8 @@ import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 from flax.typing import Array, Dtype, Initializer, PrecisionLike
 
-from attention.additive import attend, expand_memory_mask, masked_softmax
+from attention.additive import attend
+from attention.masks import expand_memory_mask, masked_softmax
 
 __all__ = ["LuongAttention", "SCORES", "MODES"]
 

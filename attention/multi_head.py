@@ -25,11 +25,8 @@ import jax.numpy as jnp
 from flax.linen import initializers
 from flax.linen.module import merge_param
 
-from attention.core import (
-    as_bool_mask,
-    dot_product_attention,
-    dot_product_attention_weights,
-)
+from attention.core import dot_product_attention, dot_product_attention_weights
+from attention.masks import as_bool_mask
 from attention.positional import apply_rotary
 
 Array = jax.Array

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention.additive import AdditiveAttention, expand_memory_mask, masked_softmax
+from attention.additive import AdditiveAttention
+from attention.masks import expand_memory_mask, masked_softmax
 
 B, T, S, DQ, DK, DV, H = 3, 4, 6, 5, 7, 3, 8
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from attention.lstmn import (DeepFusionLSTMN, DeepFusionLSTMNCell, LSTMN, LSTMNCell,
-                             ShallowFusionLSTMN, ShallowFusionLSTMNCell, _masked_softmax)
+                             ShallowFusionLSTMN, ShallowFusionLSTMNCell)
+from attention.masks import masked_softmax
 
 B, T, IN, F, A, S, D = 3, 6, 3, 4, 5, 5, 6
 # Row 1 has trailing padding, row 2 an interior gap as well.
@@ -213,11 +214,11 @@ def test_first_step_zero_weights_finite_grads_and_remat(lstmn):
 def test_masked_softmax_empty_rows_and_dtype():
     scores = jnp.array([[1.0, 2.0, 3.0], [1e4, -1e4, 0.0]], jnp.bfloat16)
     mask = jnp.array([[False, False, False], [True, False, True]])
-    w = jax.jit(_masked_softmax)(scores, mask)
+    w = jax.jit(masked_softmax)(scores, mask)
     assert w.dtype == jnp.float32
     np.testing.assert_array_equal(w[0], 0.0)
     np.testing.assert_allclose(w[1], [1.0, 0.0, 0.0], atol=1e-6)
-    g = jax.jit(jax.grad(lambda s: jnp.sum(_masked_softmax(s, mask) * jnp.arange(3.0))))(
+    g = jax.jit(jax.grad(lambda s: jnp.sum(masked_softmax(s, mask) * jnp.arange(3.0))))(
         scores.astype(jnp.float32))
     assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[~np.asarray(mask)] == 0)
 

@@ -30,8 +30,18 @@ from jax import lax
 # fully masked row stays finite, so no inf - inf = NaN can arise.
 NEG_INF = -1e30
 
-DEFAULT_BLOCK_Q = 256
-DEFAULT_BLOCK_KV = 256
+# Tiles of about this many logits (over batch and heads) measured fastest on
+# CPU: big enough to amortise the loop, small enough to stay in cache
+# (benchmarks/attention_core.py; B=4 H=8 -> 128x128, B=H=1 -> 512x512).
+_TILE_ELEMENTS = 512 * 1024
+_MIN_BLOCK, _MAX_BLOCK = 128, 512
+
+
+def default_block(batch_heads: int) -> int:
+  """Square tile side for ``batch_heads`` = batch * query heads."""
+  side = math.isqrt(max(_TILE_ELEMENTS // max(batch_heads, 1), 1))
+  side = 1 << (side.bit_length() - 1)  # round down to a power of two
+  return int(min(max(side, _MIN_BLOCK), _MAX_BLOCK))
 
 
 class _Config(NamedTuple):
@@ -71,9 +81,9 @@ def _position_mask(i, j, cfg: _Config, k_pad: int):
   return ok
 
 
-def _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad):
+def _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad, positional):
   user_mask = None if mask is None else _slice_tile(mask, i, j, cfg, q_pad, k_pad)
-  pos = _position_mask(i, j, cfg, k_pad)
+  pos = _position_mask(i, j, cfg, k_pad) if positional else None
   if user_mask is None:
     full_mask = pos
   elif pos is None:
@@ -84,12 +94,24 @@ def _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad):
   return user_mask, full_mask, tile_bias
 
 
-def _kv_blocks(i, cfg: _Config, n_kv: int):
-  """Number of key blocks query block i needs (all of them unless causal)."""
-  if not cfg.is_causal:
-    return n_kv
-  last_q = (i + 1) * cfg.block_q - 1
-  return jnp.minimum(last_q // cfg.block_kv + 1, n_kv)
+def _kv_ranges(i, cfg: _Config, n_kv: int, k_pad: int):
+  """Key blocks of query block i: ``[0, n_free)`` need no positional mask,
+  ``[n_free, n_end)`` do (the causal diagonal and the padded last block)."""
+  n_end = n_kv
+  n_free = n_kv - (1 if k_pad != cfg.kv_len else 0)
+  if cfg.is_causal:
+    last_q = (i + 1) * cfg.block_q - 1
+    n_end = jnp.minimum(last_q // cfg.block_kv + 1, n_kv)
+    # Block j is wholly visible when its last key <= the block's first query.
+    n_free = jnp.minimum((i * cfg.block_q + 1) // cfg.block_kv, n_free)
+  return n_free, n_end
+
+
+def _loop_tiles(i, cfg, n_kv, k_pad, make_step, init):
+  """Runs ``make_step(positional)`` over the key blocks query block i needs."""
+  n_free, n_end = _kv_ranges(i, cfg, n_kv, k_pad)
+  carry = lax.fori_loop(0, n_free, make_step(False), init)
+  return lax.fori_loop(n_free, n_end, make_step(True), carry)
 
 
 def _maybe_skip(user_mask, compute, carry):
@@ -118,32 +140,34 @@ def _forward(cfg: _Config, q, k, v, bias, mask):
   def q_step(_, inp):
     i, q_i = inp
 
-    def kv_step(j, carry):
-      user_mask, full_mask, tile_bias = _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad)
-      k_j = lax.dynamic_slice_in_dim(k, j * cfg.block_kv, cfg.block_kv, axis=2)
-      v_j = lax.dynamic_slice_in_dim(v, j * cfg.block_kv, cfg.block_kv, axis=2)
+    def make_step(positional):
+      def kv_step(j, carry):
+        user_mask, full_mask, tile_bias = _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad, positional)
+        k_j = lax.dynamic_slice_in_dim(k, j * cfg.block_kv, cfg.block_kv, axis=2)
+        v_j = lax.dynamic_slice_in_dim(v, j * cfg.block_kv, cfg.block_kv, axis=2)
 
-      def compute(carry):
-        m, l, acc = carry
-        s = _logits(q_i, k_j, tile_bias, full_mask, cfg)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.exp(s - m_new[..., None])
-        if full_mask is not None:
-          p = jnp.where(full_mask, p, 0.0)
-        corr = jnp.exp(m - m_new)
-        l = l * corr + jnp.sum(p, axis=-1)
-        pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_j,
-                        precision=cfg.precision, preferred_element_type=jnp.float32)
-        return m_new, l, acc * corr[..., None] + pv
+        def compute(carry):
+          m, l, acc = carry
+          s = _logits(q_i, k_j, tile_bias, full_mask, cfg)
+          m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+          p = jnp.exp(s - m_new[..., None])
+          if full_mask is not None:
+            p = jnp.where(full_mask, p, 0.0)
+          corr = jnp.exp(m - m_new)
+          l = l * corr + jnp.sum(p, axis=-1)
+          pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), v_j,
+                          precision=cfg.precision, preferred_element_type=jnp.float32)
+          return m_new, l, acc * corr[..., None] + pv
 
-      return _maybe_skip(user_mask, compute, carry)
+        return _maybe_skip(user_mask, compute, carry)
+      return kv_step
 
     init = (
         jnp.full((b, hk, g, cfg.block_q), NEG_INF, jnp.float32),
         jnp.zeros((b, hk, g, cfg.block_q), jnp.float32),
         jnp.zeros((b, hk, g, cfg.block_q, dv), jnp.float32),
     )
-    m, l, acc = lax.fori_loop(0, _kv_blocks(i, cfg, n_kv), kv_step, init)
+    m, l, acc = _loop_tiles(i, cfg, n_kv, k_pad, make_step, init)
     has_keys = l > 0
     out = acc / jnp.where(has_keys, l, 1.0)[..., None]
     # Rows with no key keep lse = 0; their recomputed probabilities are
@@ -169,39 +193,40 @@ def _backward(cfg: _Config, q, k, v, bias, mask, out, lse, dout):
   def q_step(carry, inp):
     i, q_i, do_i, lse_i, delta_i = inp
 
-    def kv_step(j, c):
-      user_mask, full_mask, tile_bias = _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad)
-      k_j = lax.dynamic_slice_in_dim(k, j * cfg.block_kv, cfg.block_kv, axis=2)
-      v_j = lax.dynamic_slice_in_dim(v, j * cfg.block_kv, cfg.block_kv, axis=2)
+    def make_step(positional):
+      def kv_step(j, c):
+        user_mask, full_mask, tile_bias = _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad, positional)
+        k_j = lax.dynamic_slice_in_dim(k, j * cfg.block_kv, cfg.block_kv, axis=2)
+        v_j = lax.dynamic_slice_in_dim(v, j * cfg.block_kv, cfg.block_kv, axis=2)
 
-      def compute(c):
-        dk, dv, dbias, dq_i = c
-        s = _logits(q_i, k_j, tile_bias, full_mask, cfg)
-        p = jnp.exp(s - lse_i[..., None])
-        if full_mask is not None:
-          p = jnp.where(full_mask, p, 0.0)
-        ein = functools.partial(jnp.einsum, precision=cfg.precision,
-                                preferred_element_type=jnp.float32)
-        dv_j = ein("bhgqk,bhgqd->bhkd", p.astype(do_i.dtype), do_i)
-        dp = ein("bhgqd,bhkd->bhgqk", do_i, v_j)
-        ds = p * (dp - delta_i[..., None])
-        dq_i = dq_i + ein("bhgqk,bhkd->bhgqd", ds.astype(k_j.dtype), k_j)
-        dk_j = ein("bhgqk,bhgqd->bhkd", ds.astype(q_i.dtype), q_i)
-        at = j * cfg.block_kv
-        dk = lax.dynamic_update_slice_in_dim(
-            dk, lax.dynamic_slice_in_dim(dk, at, cfg.block_kv, 2) + dk_j, at, 2)
-        dv = lax.dynamic_update_slice_in_dim(
-            dv, lax.dynamic_slice_in_dim(dv, at, cfg.block_kv, 2) + dv_j, at, 2)
-        if dbias is not None:
-          dbias = _accumulate_bias_grad(dbias, ds, i, j, cfg, q_pad, k_pad)
-        return dk, dv, dbias, dq_i
+        def compute(c):
+          dk, dv, dbias, dq_i = c
+          s = _logits(q_i, k_j, tile_bias, full_mask, cfg)
+          p = jnp.exp(s - lse_i[..., None])
+          if full_mask is not None:
+            p = jnp.where(full_mask, p, 0.0)
+          ein = functools.partial(jnp.einsum, precision=cfg.precision,
+                                  preferred_element_type=jnp.float32)
+          dv_j = ein("bhgqk,bhgqd->bhkd", p.astype(do_i.dtype), do_i)
+          dp = ein("bhgqd,bhkd->bhgqk", do_i, v_j)
+          ds = p * (dp - delta_i[..., None])
+          dq_i = dq_i + ein("bhgqk,bhkd->bhgqd", ds.astype(k_j.dtype), k_j)
+          dk_j = ein("bhgqk,bhgqd->bhkd", ds.astype(q_i.dtype), q_i)
+          at = j * cfg.block_kv
+          dk = lax.dynamic_update_slice_in_dim(
+              dk, lax.dynamic_slice_in_dim(dk, at, cfg.block_kv, 2) + dk_j, at, 2)
+          dv = lax.dynamic_update_slice_in_dim(
+              dv, lax.dynamic_slice_in_dim(dv, at, cfg.block_kv, 2) + dv_j, at, 2)
+          if dbias is not None:
+            dbias = _accumulate_bias_grad(dbias, ds, i, j, cfg, q_pad, k_pad)
+          return dk, dv, dbias, dq_i
 
-      return _maybe_skip(user_mask, compute, c)
+        return _maybe_skip(user_mask, compute, c)
+      return kv_step
 
     dk, dv, dbias = carry
     dq_i = jnp.zeros(q_i.shape, jnp.float32)
-    dk, dv, dbias, dq_i = lax.fori_loop(
-        0, _kv_blocks(i, cfg, n_kv), kv_step, (dk, dv, dbias, dq_i))
+    dk, dv, dbias, dq_i = _loop_tiles(i, cfg, n_kv, k_pad, make_step, (dk, dv, dbias, dq_i))
     return (dk, dv, dbias), dq_i
 
   init = (
@@ -280,8 +305,8 @@ def attention(query, key, value, bias=None, mask=None, *, is_causal=False, scale
     mask: optional boolean, broadcastable like ``bias``; True = attend.
     is_causal: top-left aligned causal attention; future key blocks are skipped.
     scale: logit scale, default ``1/sqrt(head_dim)``.
-    block_q: query tile (default 256, capped at q_len).
-    block_kv: key tile (default 256, capped at kv_len).
+    block_q: query tile (default :func:`default_block`, capped at q_len).
+    block_kv: key tile (default :func:`default_block`, capped at kv_len).
     precision: matmul precision.
 
   Returns:
@@ -295,8 +320,9 @@ def attention(query, key, value, bias=None, mask=None, *, is_causal=False, scale
   kv_len, kv_heads = key.shape[-3], key.shape[-2]
   groups = heads // kv_heads
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-  bq = min(block_q or DEFAULT_BLOCK_Q, q_len)
-  bk = min(block_kv or DEFAULT_BLOCK_KV, kv_len)
+  auto = default_block(math.prod(batch) * heads)
+  bq = min(block_q or auto, q_len)
+  bk = min(block_kv or auto, kv_len)
   q_pad, k_pad = _ceil_div(q_len, bq) * bq, _ceil_div(kv_len, bk) * bk
   cfg = _Config(bool(is_causal), scale, bq, bk, kv_len, precision)
 

@@ -53,20 +53,18 @@ def masked_softmax(scores: Array, mask: Array | None = None, axis: int = -1) -> 
   scores = scores.astype(jnp.float32)
   if mask is None:
     return jax.nn.softmax(scores, axis=axis)
-  mask = jnp.broadcast_to(mask, scores.shape)
-  row_max = jnp.max(jnp.where(mask, scores, -jnp.inf), axis=axis, keepdims=True)
-  # A fully masked row has max -inf; any finite shift is fine there because
-  # every entry is replaced by -inf below. The shift is a constant for the
-  # softmax, so cutting its gradient changes nothing but saves work.
+  # Masked entries become -inf *before* exp: exp(-inf) = 0 with derivative 0,
+  # whereas exp(x) followed by a where() could leak inf * 0 = NaN backwards.
+  scores = jnp.where(mask, scores, -jnp.inf)
+  row_max = jnp.max(scores, axis=axis, keepdims=True)
+  # A fully masked row has max -inf; shifting it by 0 keeps every entry at
+  # exp(-inf) = 0. The shift is a constant of the softmax, so no gradient.
   row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
-  # Masked entries go to -inf *before* exp: exp(-inf) = 0 and its derivative
-  # is 0, whereas exp(large) followed by a where() would leak inf*0 = NaN
-  # into the backward pass.
-  unnormalised = jnp.exp(jnp.where(mask, scores - row_max, -jnp.inf))
+  unnormalised = jnp.exp(scores - row_max)
   total = jnp.sum(unnormalised, axis=axis, keepdims=True)
   # Any row with an unmasked entry has total >= 1 (its max contributes
   # exp(0)), so only fully masked rows (total == 0) take the replacement.
-  return unnormalised / jnp.where(total > 0, total, 1.0)
+  return unnormalised * (1.0 / jnp.where(total > 0, total, 1.0))
 
 
 def expand_memory_mask(

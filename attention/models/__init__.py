@@ -1,0 +1,17 @@
+"""Sequence models built from the attention modules, sharing one seq2seq protocol.
+
+See :mod:`attention.models.base` for the protocol and the token conventions.
+"""
+from attention.models.base import (
+    BOS,
+    BOS_ID,
+    EOS,
+    EOS_ID,
+    PAD,
+    PAD_ID,
+    Seq2SeqModel,
+    decode_collections,
+    padding_mask,
+    shift_right,
+)
+from attention.models.transformer import Transformer, TransformerConfig, TransformerLM

@@ -90,6 +90,12 @@ def _gather_state(state: PyTree, idx: Array) -> PyTree:
   return jax.tree.map(gather, state)
 
 
+def _like(new: PyTree, old: PyTree) -> PyTree:
+  # A step that returns e.g. bf16 for an f32 initial state would otherwise
+  # break the while_loop's fixed carry types.
+  return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
+
+
 def _aux_buffer(step_fn: StepFn, tokens: Array, state: PyTree, lead: tuple[int, ...],
                 max_len: int) -> dict[str, Array]:
   """Zero buffers ``lead + [max_len] + aux.shape[1:]`` for the stacked alignments."""
@@ -128,8 +134,9 @@ def greedy_search(step_fn: StepFn, init_state: PyTree, *, batch_size: int, max_l
     return (i < max_len) & ~jnp.all(finished)
 
   def body(carry):
-    i, last, out, finished, score, state, aux_buf = carry
-    logits, state, aux = step_fn(last, state)
+    i, last, out, finished, score, old_state, aux_buf = carry
+    logits, state, aux = step_fn(last, old_state)
+    state = _like(state, old_state)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     tok = jnp.argmax(logp, axis=-1).astype(jnp.int32)
     alive = ~finished
@@ -161,7 +168,10 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, batch_size: int, beam_si
   remaining slots with alive ones (normalised at their length ``L``), always
   ranked after finished ones.
 
-  With ``beam_size=1`` and ``alpha=0`` this is exactly greedy search.
+  With ``beam_size=1`` the alive beam follows greedy search's path. With
+  ``alpha=0`` the result is greedy's, except when an earlier ``EOS`` that was
+  the runner-up scored better: then that shorter, higher-scoring hypothesis
+  is returned. (:func:`decode` runs :func:`greedy_search` for ``beam_size=1``.)
 
   Args:
     step_fn: ``(tokens [B*K], state) -> (logits [B*K, V], state, aux)``.
@@ -200,8 +210,9 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, batch_size: int, beam_si
     return (i < max_len) & ~jnp.all(done(i, alive_lp, fin_score))
 
   def body(carry):
-    i, last, alive_seq, alive_lp, alive_aux, state, fin_seq, fin_score, fin_aux = carry
-    logits, state, aux = step_fn(last.reshape(-1), state)
+    i, last, alive_seq, alive_lp, alive_aux, old_state, fin_seq, fin_score, fin_aux = carry
+    logits, state, aux = step_fn(last.reshape(-1), old_state)
+    state = _like(state, old_state)
     vocab = logits.shape[-1]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
     cand_lp, cand = jax.lax.top_k((alive_lp[:, :, None] + logp).reshape(b, k * vocab), 2 * k)
@@ -325,7 +336,8 @@ def _decode_jit(model, variables, src, *, beam_size, alpha, max_len, return_alig
 def decode(model: Any, variables: PyTree, src: Any, *, beam_size: int = 1,
            alpha: float = 0.6, max_extra: int = DEFAULT_MAX_EXTRA,
            return_alignments: bool = False,
-           length_bucket: int = DEFAULT_LENGTH_BUCKET) -> DecodeResult:
+           length_bucket: int = DEFAULT_LENGTH_BUCKET,
+           max_len: int | None = None) -> DecodeResult:
   """Translates a batch: greedy (``beam_size=1``) or beam search, jit-compiled.
 
   The source is cut to its longest real sentence and padded with ``PAD`` up
@@ -334,8 +346,9 @@ def decode(model: Any, variables: PyTree, src: Any, *, beam_size: int = 1,
   longest sentence falls in the same bucket (compilations are cached per
   model, bucket, batch size and options). The output has ``L = bucketed
   source length + max_extra`` steps, the budget of Vaswani et al. (input
-  length + 50); the loop stops as soon as every sentence has finished, so a
-  large budget costs memory, not time.
+  length + 50). The loop stops as soon as every sentence has finished, so a
+  large budget adds no steps, only memory and per-step work that scales with
+  ``L`` (cache size, beam gathers).
 
   Args:
     model: a Flax module following :mod:`attention.models.base`'s protocol.
@@ -347,6 +360,10 @@ def decode(model: Any, variables: PyTree, src: Any, *, beam_size: int = 1,
     return_alignments: also collect the model's per-step alignments (costs
       memory ``[B, K, L, ..., S]``); otherwise ``alignments`` is ``{}``.
     length_bucket: source length granularity.
+    max_len: optional cap on the output steps, e.g. the longest sequence the
+      model supports (a Transformer's ``config.max_len``); bucketing can
+      otherwise ask for up to ``length_bucket - 1`` more steps than
+      ``longest source + max_extra``.
 
   Returns:
     :class:`DecodeResult` (``beams``/``beam_scores`` only for beam search).
@@ -356,6 +373,7 @@ def decode(model: Any, variables: PyTree, src: Any, *, beam_size: int = 1,
   longest = int(np.nonzero(real)[0].max()) + 1 if real.any() else 1
   padded = bucket_length(longest, length_bucket)
   src = np.pad(src[:, :longest], ((0, 0), (0, padded - longest)), constant_values=PAD)
+  steps = padded + max_extra if max_len is None else min(padded + max_extra, max_len)
   return _decode_jit(model, variables, jnp.asarray(src), beam_size=beam_size,
-                     alpha=float(alpha), max_len=padded + max_extra,
+                     alpha=float(alpha), max_len=steps,
                      return_alignments=return_alignments)

@@ -14,4 +14,8 @@ from attention.models.base import (
     padding_mask,
     shift_right,
 )
+from attention.models.lstmn import LSTMNLanguageModel, LSTMNSeq2Seq
+from attention.models.luong_seq2seq import LuongSeq2Seq
+from attention.models.rnn_encdec import RNNEncDec
+from attention.models.rnnsearch import RNNSearch
 from attention.models.transformer import Transformer, TransformerConfig, TransformerLM

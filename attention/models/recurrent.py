@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
+from attention.models.base import PAD_ID
+
 __all__ = [
-    "PAD_ID",
-    "BOS_ID",
-    "EOS_ID",
     "source_mask",
     "source_lengths",
     "cast_tree_like",
@@ -38,11 +37,6 @@ __all__ = [
     "DeepOutput",
     "scan_decoder",
 ]
-
-# Token conventions of the whole library; mirrors attention.models.base.
-PAD_ID = 0
-BOS_ID = 1
-EOS_ID = 2
 
 
 def source_mask(src: Array) -> Array:
@@ -120,24 +114,18 @@ class RNNEncoder(nn.Module):
       ``(forward, backward)`` pair of them if bidirectional. The backward
       carry is the backward state at position 0.
     """
+    # parent=None leaves a submodule unbound, so that the module it is handed
+    # to adopts it (params under layer_i/.../cell) rather than this one.
+    cell = lambda: make_cell(self.cell_type, self.hidden_dim, self.dtype, self.param_dtype,
+                             parent=None)
     x = inputs
     finals = []
     for layer in range(self.num_layers):
       if layer > 0:
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
-
-      def cell() -> nn.RNNCellBase:
-        # parent=None leaves the cell unbound so that the nn.RNN wrapping it
-        # adopts it (params under .../cell) instead of this module.
-        return make_cell(self.cell_type, self.hidden_dim, self.dtype, self.param_dtype,
-                         parent=None)
-
       if self.bidirectional:
         rnn = nn.Bidirectional(
-            nn.RNN(cell(), parent=None),
-            nn.RNN(cell(), parent=None),
-            name=f"layer_{layer}",
-        )
+            nn.RNN(cell(), parent=None), nn.RNN(cell(), parent=None), name=f"layer_{layer}")
       else:
         rnn = nn.RNN(cell(), name=f"layer_{layer}")
       carry, x = rnn(x, seq_lengths=lengths, return_carry=True)

@@ -1,0 +1,67 @@
+"""One evaluation pass of the trainer: metrics, decoding with BLEU, alignment plots."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from experiments import evaluate, plots
+
+
+def _sum_metrics(eval_step, params, batches, to_global) -> dict[str, float]:
+  total: dict[str, float] = {}
+  for batch in batches:
+    sums = eval_step(params, to_global(batch))
+    for k, v in sums.items():
+      total[k] = total.get(k, 0.0) + float(np.asarray(v.addressable_data(0)))
+  return total
+
+
+def evaluate_all(config, model, params, ds, eval_step: Callable, data_sharding, workdir: Path,
+                 step: int, writer, task: str, host: Callable) -> dict[str, Any]:
+  """Runs the eval set and returns ``{"eval/loss": ..., "eval/accuracy": ..., ...}``.
+
+  Teacher-forced metrics and decoding run on every host (the eval step is a
+  collective; decoded rows are gathered); plots are drawn by process 0, from
+  a host copy of the parameters.
+  """
+  def to_global(batch):
+    return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  batches = ds.eval()
+  if config.num_eval_batches:
+    batches = itertools.islice(batches, config.num_eval_batches)
+  metrics = {f"eval/{k}": v for k, v in
+             evaluate.summarize(_sum_metrics(eval_step, params, batches, to_global)).items()}
+  host_params = host(params)
+  if task == "seq2seq" and config.decode.enabled:
+    # Every process decodes its own share of rows; all_processes gathers them
+    # so BLEU covers the whole eval set on every host count.
+    batches = ds.eval()
+    if config.decode.num_batches:
+      batches = itertools.islice(batches, config.decode.num_batches)
+    scored = evaluate.decode_and_score(
+        model, host_params, batches, ds.tgt_vocab, beam_size=config.decode.beam_size,
+        alpha=config.decode.alpha, max_extra=config.decode.max_extra,
+        references=ds.eval_references, sources=ds.eval_sources,
+        length_buckets=tuple(config.decode.length_buckets), all_processes=True)
+    metrics.update(evaluate.decode_scalars(scored))
+    if jax.process_index() == 0:
+      plots.plot_metric_vs_length(scored["buckets"],
+                                  workdir / "plots" / f"by_length_step{step:08d}.png",
+                                  title=f"{config.model.name} @ {step}")
+  if jax.process_index() == 0 and config.num_plot_examples:
+    first = next(iter(ds.eval()))
+    examples = evaluate.alignment_examples(model, host_params, first, ds.src_vocab,
+                                           ds.tgt_vocab, config.num_plot_examples, task=task)
+    plots.save_alignment_plots(examples, workdir / "plots", step)
+    for i, ex in enumerate(examples):
+      for name, matrix in ex.matrices.items():
+        writer.write_image(step, f"alignments/{i}/{name}", plots.heatmap_image(
+            matrix, ex.columns.get(name, ex.src_tokens), ex.tgt_tokens, title=name))
+  return metrics

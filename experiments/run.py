@@ -1,0 +1,102 @@
+"""Train, evaluate and checkpoint any model of the library from a config file.
+
+    python -m experiments.run --workdir /tmp/run                    # built-in default
+    python -m experiments.run --config experiments/configs/transformer_mt.py \
+        --workdir /tmp/mt --config.data.dir=/path/to/multi30k --config.batch_size=128
+
+Re-running the same command resumes from the latest checkpoint. Errors in the
+user's input print one line (set ATTENTION_DEBUG=1 for the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
+FLAGS = flags.FLAGS
+
+
+def _define_flags(argv: list[str]) -> None:
+  """Defines the flags; config overrides in ``argv`` are applied (and checked) here."""
+  try:
+    config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment config file.",
+                                    lock_config=True)
+  except (KeyError, AttributeError, ValueError, TypeError, flags.Error) as e:
+    # ml_collections reports a bad override as a multi-line KeyError; name the flag.
+    detail = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+    detail = " ".join(detail.strip("'\" ").split())
+    if "Did you mean" in detail:
+      detail = detail[detail.index("Did you mean"):]
+    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")
+           and any(part and part in detail for part in a.split("=")[0].split(".")[1:])]
+    where = bad[-1] if bad else "--config"
+    print(f"error: {where}: no such config field or bad value ({detail})", file=sys.stderr)
+    sys.exit(2)
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def _maybe_initialize_distributed() -> None:
+  """``jax.distributed.initialize`` when the environment asks for it.
+
+  Set by the TPU/Slurm launchers: ``ATTENTION_MULTIHOST=1`` (auto-detect on
+  TPU pods and Slurm), or ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES``
+  + ``JAX_PROCESS_ID`` for explicit clusters (and the localhost tests).
+  """
+  import jax
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not (address or os.environ.get("ATTENTION_MULTIHOST") == "1"):
+    return
+  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or jax.default_backend() == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if address:
+    jax.distributed.initialize(address, int(os.environ["JAX_NUM_PROCESSES"]),
+                               int(os.environ["JAX_PROCESS_ID"]))
+  else:
+    jax.distributed.initialize()
+
+
+def main(argv) -> int:
+  del argv
+  from experiments.errors import USER_ERRORS
+  from experiments.train import TrainingDiverged
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      stream=sys.stderr)
+  for noisy in ("absl", "orbax", "jax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    _maybe_initialize_distributed()
+    from experiments import train
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except USER_ERRORS as e:
+    if os.environ.get("ATTENTION_DEBUG"):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except TrainingDiverged as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def _parse(argv):
+  """absl parsing, but a bad flag or override is one line, not the usage text."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run() -> None:
+  _define_flags(sys.argv)
+  app.run(main, flags_parser=_parse)
+
+
+if __name__ == "__main__":
+  run()

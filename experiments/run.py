@@ -52,8 +52,10 @@ def _maybe_initialize_distributed() -> None:
   address = os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not (address or os.environ.get("ATTENTION_MULTIHOST") == "1"):
     return
-  if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or jax.default_backend() == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Gloo for cross-process collectives on CPU (the setting only affects the CPU
+  # client). Not conditional on jax.default_backend(): querying the backend
+  # initialises it, after which jax.distributed.initialize refuses to run.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if address:
     jax.distributed.initialize(address, int(os.environ["JAX_NUM_PROCESSES"]),
                                int(os.environ["JAX_PROCESS_ID"]))

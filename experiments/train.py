@@ -298,7 +298,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.update(s, loss=m["loss"], lr=float(l), tokens_per_sec=tps)
         t_mark, tokens_since = now, 0.0
         if boundary["eval"]:
-          last_metrics = run_eval(step)
+          last_metrics = {"step": step, **run_eval(step)}
           progress.message(step, last_metrics)
         if boundary["ckpt"] or stop:
           ckpt.save(step, state, ds.train.get_state(), wait=stop)

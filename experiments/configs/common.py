@@ -48,12 +48,12 @@ def translation_data(arg) -> config_dict.ConfigDict:
 
 def tiny_run(c: config_dict.ConfigDict) -> None:
   """Shrinks a config to a seconds-long CPU smoke run (used by the tests)."""
-  c.num_train_steps = 20
+  c.num_train_steps = 10
   c.batch_size = 16
   c.eval_batch_size = 16
   c.warmup_steps = 5
   c.eval_every_steps = 10
-  c.checkpoint_every_steps = 10
+  c.checkpoint_every_steps = 5
   c.log_every_steps = 5
   c.num_eval_batches = 2
   c.decode.num_batches = 1

@@ -1,0 +1,157 @@
+"""End-to-end tiny runs of every experiment config, translate, and the CLI's bad-input errors."""
+
+import gzip
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "experiments" / "configs"
+
+
+def load_config(name: str, arg: str | None = None):
+  module = importlib.import_module(f"experiments.configs.{name}")
+  return module.get_config(arg)
+
+
+def write_text_corpus(path: Path) -> Path:
+  lines = ["the quick brown fox jumps over the lazy dog."] * 40
+  path.write_text("\n".join(f"{i} {line}" for i, line in enumerate(lines)) + "\n")
+  return path
+
+
+def write_parallel(d: Path, *, n=64, gz=True, bad=None) -> Path:
+  d.mkdir(parents=True, exist_ok=True)
+  words = "ein zwei drei vier fünf sechs sieben acht".split()
+  english = "one two three four five six seven eight".split()
+  for split in ("train", "val", "test_2016_flickr"):
+    de, en = [], []
+    for i in range(n):
+      k = [(i * 7 + j) % 8 for j in range(2 + i % 5)]
+      de.append(" ".join(words[j] for j in k))
+      en.append(" ".join(english[j] for j in k))
+    for lang, lines in (("de", de), ("en", en)):
+      data = ("\n".join(lines) + "\n").encode()
+      if bad == "count" and split == "train" and lang == "en":
+        data = ("\n".join(lines[:-3]) + "\n").encode()
+      if bad == "utf8" and split == "train" and lang == "de":
+        data = data.replace("fünf".encode(), b"f\xffnf", 1)
+      if bad == "empty" and split == "train" and lang == "en":
+        data = data.replace(b"\n", b"\n\n", 1)
+      path = d / f"{split}.{lang}{'.gz' if gz else ''}"
+      path.write_bytes(gzip.compress(data) if gz else data)
+  return d
+
+
+def _last_metrics(workdir: Path) -> dict:
+  lines = (workdir / "metrics.jsonl").read_text().strip().splitlines()
+  return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("name", ["transformer_mt", "rnnsearch_mt", "rnnencdec_mt", "luong_mt",
+                                  "lstmn_mt"])
+def test_translation_configs_tiny_end_to_end(name, tmp_path):
+  c = load_config(name, "data=reverse,tiny" if name != "transformer_mt" else
+                  "size=tiny,data=reverse,tiny")
+  metrics = train.train_and_evaluate(c, str(tmp_path))
+  assert metrics["step"] == c.num_train_steps
+  for key in ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/bleu"):
+    assert key in metrics and metrics[key] == metrics[key], key   # present and not NaN
+  assert (tmp_path / "config.json").is_file()
+  assert list((tmp_path / "checkpoints").iterdir())
+  assert list((tmp_path / "tensorboard").iterdir())
+  if name != "rnnencdec_mt":
+    assert list((tmp_path / "plots").glob("alignment_*.png"))
+
+
+@pytest.mark.parametrize("name", ["transformer_lm", "lstmn_lm"])
+def test_lm_configs_tiny_end_to_end(name, tmp_path):
+  c = load_config(name, "tiny")
+  c.data.path = str(write_text_corpus(tmp_path / "corpus.txt"))
+  metrics = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert metrics["step"] == c.num_train_steps
+  assert 1.0 < metrics["eval/perplexity"] < 100
+
+
+def test_multi30k_layout_run_then_translate(tmp_path):
+  data = write_parallel(tmp_path / "m30k")
+  c = load_config("transformer_mt", "size=tiny,tiny")
+  c.data.dir = str(data)
+  c.data.tokenizer = "word"
+  c.data.vocab_size = None
+  workdir = tmp_path / "run"
+  metrics = train.train_and_evaluate(c, str(workdir))
+  assert "eval/bleu" in metrics and "eval_by_length/count_0-9" in metrics
+  src = tmp_path / "input.de"
+  src.write_text("ein zwei\ndrei vier fünf\n")
+  out = tmp_path / "hyp.en"
+  cmd = [sys.executable, "-m", "experiments.translate", "--workdir", str(workdir),
+         "--input", str(src), "--output", str(out), "--beam_size", "2"]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert res.returncode == 0, res.stderr
+  assert len(out.read_text().splitlines()) == 2
+  again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert again.returncode == 2 and "exists" in again.stderr   # never overwrites
+
+
+def _cli(tmp_path, *args, timeout=300):
+  cmd = [sys.executable, "-m", "experiments.run", "--workdir", str(tmp_path / "w"), *args]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _one_line_error(res, *needles):
+  assert res.returncode == 2, res.stderr[-2000:]
+  assert "Traceback" not in res.stderr
+  errors = [l for l in res.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, res.stderr[-2000:]
+  for needle in needles:
+    assert needle in errors[0], errors[0]
+  return errors[0]
+
+
+MT = ["--config", str(CONFIGS / "transformer_mt.py") + ":size=tiny,tiny",
+      "--config.data.tokenizer=word"]
+
+
+@pytest.mark.parametrize("case,args,needles", [
+    ("unknown field", ["--config.model.emb_dimm=3"], ["--config.model.emb_dimm", "emb_dim"]),
+    ("bad type", ["--config.num_train_steps=abc"], ["num_train_steps"]),
+    ("heads", ["--config.model.num_heads=3"], ["num_heads=3", "qkv_dim"]),
+    ("no data dir", MT, ["data.dir"]),
+    ("missing data dir", MT + ["--config.data.dir=/nonexistent/m30k"], ["/nonexistent/m30k"]),
+])
+def test_cli_bad_input_one_line_errors(tmp_path, case, args, needles):
+  _one_line_error(_cli(tmp_path, *args), *needles)
+
+
+@pytest.mark.parametrize("bad,needle", [("count", "train."), ("utf8", "UTF-8"),
+                                        ("empty", "empty")])
+def test_cli_bad_corpus_one_line_errors(tmp_path, bad, needle):
+  data = write_parallel(tmp_path / "m30k", bad=bad)
+  err = _one_line_error(_cli(tmp_path, *MT, f"--config.data.dir={data}"), needle)
+  assert str(data) in err
+
+
+def test_none_default_fields_can_be_overridden(tmp_path):
+  # data.dir defaults to None (a typed placeholder) and still accepts a value.
+  data = write_parallel(tmp_path / "m30k", gz=False)
+  res = _cli(tmp_path, *MT, f"--config.data.dir={data}", "--config.num_train_steps=2",
+             "--config.eval_every_steps=2", "--config.decode.enabled=False",
+             "--config.num_plot_examples=0")
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "outputs in" in res.stdout
+  assert json.loads((tmp_path / "w" / "config.json").read_text())["data"]["dir"] == str(data)
+
+
+def test_default_config_needs_only_workdir():
+  c = load_config("default")
+  assert c.data.name in ("copy", "reverse", "sort", "swap")
+  assert c.model.name == "transformer"

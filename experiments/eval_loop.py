@@ -22,8 +22,11 @@ def _sum_metrics(eval_step, params, batches, to_global) -> dict[str, float]:
 
 
 def evaluate_all(config, model, params, ds, eval_step: Callable, data_sharding, workdir: Path,
-                 step: int, writer, task: str, host: Callable) -> dict[str, Any]:
+                 step: int, writer, task: str, host: Callable, final: bool = False) -> dict:
   """Runs the eval set and returns ``{"eval/loss": ..., "eval/accuracy": ..., ...}``.
+
+  With ``final`` the test split (if the data has one) is decoded and scored
+  too, as ``test/bleu`` etc., with the run's beam settings.
 
   Teacher-forced metrics and decoding run on every host (the eval step is a
   collective; decoded rows are gathered); plots are drawn by process 0, from
@@ -51,6 +54,13 @@ def evaluate_all(config, model, params, ds, eval_step: Callable, data_sharding, 
         references=ds.eval_references, sources=ds.eval_sources,
         length_buckets=tuple(config.decode.length_buckets), all_processes=True)
     metrics.update(evaluate.decode_scalars(scored))
+    if final and ds.test is not None:
+      test = evaluate.decode_and_score(
+          model, host_params, ds.test(), ds.tgt_vocab, beam_size=config.decode.beam_size,
+          alpha=config.decode.alpha, max_extra=config.decode.max_extra,
+          references=ds.test_references, sources=ds.test_sources,
+          length_buckets=tuple(config.decode.length_buckets), all_processes=True)
+      metrics.update(evaluate.decode_scalars(test, prefix="test"))
     if jax.process_index() == 0:
       plots.plot_metric_vs_length(scored["buckets"],
                                   workdir / "plots" / f"by_length_step{step:08d}.png",

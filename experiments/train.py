@@ -254,7 +254,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def run_eval(step: int) -> dict:
     from experiments import eval_loop  # local: plots pull in matplotlib
     metrics = eval_loop.evaluate_all(config, model, state.params, ds, eval_step, data_sharding,
-                                     workdir, step, writer, task, _host)
+                                     workdir, step, writer, task, _host,
+                                     final=step == config.num_train_steps)
     writer.write_eval(step, metrics)
     return metrics
 
@@ -301,6 +302,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           last_metrics = {"step": step, **run_eval(step)}
           progress.message(step, last_metrics)
         if boundary["ckpt"] or stop:
+          # TensorBoard events are buffered: flush them with each checkpoint so a
+          # kill -9 cannot lose the curve up to the step a resumed run restarts at.
+          writer.flush()
           ckpt.save(step, state, ds.train.get_state(), wait=stop)
           last_saved = step
         if stop:

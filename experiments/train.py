@@ -286,9 +286,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         bad = [s for s, _, m in rows if not math.isfinite(m["loss"])]
         if bad:
           ckpt.close()
+          kept = (f"The last good checkpoint (step {last_saved}) stays in"
+                  f" {workdir / 'checkpoints'}." if last_saved is not None
+                  else "No checkpoint was saved before it.")
           raise TrainingDiverged(
-              f"loss is {rows[-1][2]['loss']} at step {bad[0]}; stopped. The last good"
-              f" checkpoint (step {last_saved}) stays in {workdir / 'checkpoints'}. Lower"
+              f"loss is {rows[-1][2]['loss']} at step {bad[0]}; stopped. {kept} Lower"
               " learning_rate, raise warmup_steps or set grad_clip_norm.")
         now = time.perf_counter()
         tokens_since += sum(m["tokens"] for _, _, m in rows)

@@ -91,12 +91,30 @@ def _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad, positional):
   else:
     full_mask = user_mask & pos
   tile_bias = None if bias is None else _slice_tile(bias, i, j, cfg, q_pad, k_pad)
-  return user_mask, full_mask, tile_bias
+  return full_mask, tile_bias
 
 
-def _kv_ranges(i, cfg: _Config, n_kv: int, k_pad: int):
-  """Key blocks of query block i: ``[0, n_free)`` need no positional mask,
-  ``[n_free, n_end)`` do (the causal diagonal and the padded last block)."""
+def _tile_occupancy(mask, cfg: _Config, q_pad: int, k_pad: int):
+  """``[n_q, n_kv]`` bool: does tile (i, j) of the mask allow any (query, key) pair?
+
+  One pass over the mask, before the loops, so each tile's skip test is a
+  scalar lookup and each query block's key loop can start at its first and
+  stop after its last occupied tile (a causal mask array then costs what
+  ``is_causal`` costs).
+  """
+  if mask is None:
+    return None
+  n_q, n_kv = q_pad // cfg.block_q, k_pad // cfg.block_kv
+  m = jnp.any(mask, axis=(0, 1, 2))                       # [Tq_pad|1, Tk_pad|1]
+  rows = n_q if m.shape[0] != 1 else 1
+  cols = n_kv if m.shape[1] != 1 else 1
+  m = m.reshape(rows, m.shape[0] // rows, cols, m.shape[1] // cols).any(axis=(1, 3))
+  return jnp.broadcast_to(m, (n_q, n_kv))
+
+
+def _kv_ranges(i, cfg: _Config, n_kv: int, k_pad: int, occupancy):
+  """Key blocks of query block i: ``[a, b)`` need no positional mask, ``[b, c)``
+  do (the causal diagonal and the padded last block)."""
   n_end = n_kv
   n_free = n_kv - (1 if k_pad != cfg.kv_len else 0)
   if cfg.is_causal:
@@ -104,20 +122,28 @@ def _kv_ranges(i, cfg: _Config, n_kv: int, k_pad: int):
     n_end = jnp.minimum(last_q // cfg.block_kv + 1, n_kv)
     # Block j is wholly visible when its last key <= the block's first query.
     n_free = jnp.minimum((i * cfg.block_q + 1) // cfg.block_kv, n_free)
-  return n_free, n_end
+  lo, hi = 0, n_kv
+  if occupancy is not None:
+    row = occupancy[i]
+    lo = jnp.where(jnp.any(row), jnp.argmax(row), 0)
+    hi = jnp.where(jnp.any(row), n_kv - jnp.argmax(row[::-1]), 0)
+  a = jnp.asarray(lo, jnp.int32)
+  b = jnp.maximum(a, jnp.minimum(n_free, hi))
+  c = jnp.maximum(b, jnp.minimum(n_end, hi))
+  return a, b, c
 
 
-def _loop_tiles(i, cfg, n_kv, k_pad, make_step, init):
+def _loop_tiles(i, cfg, n_kv, k_pad, occupancy, make_step, init):
   """Runs ``make_step(positional)`` over the key blocks query block i needs."""
-  n_free, n_end = _kv_ranges(i, cfg, n_kv, k_pad)
-  carry = lax.fori_loop(0, n_free, make_step(False), init)
-  return lax.fori_loop(n_free, n_end, make_step(True), carry)
+  a, b, c = _kv_ranges(i, cfg, n_kv, k_pad, occupancy)
+  carry = lax.fori_loop(a, b, make_step(False), init)
+  return lax.fori_loop(b, c, make_step(True), carry)
 
 
-def _maybe_skip(user_mask, compute, carry):
-  if user_mask is None:
+def _maybe_skip(occupied, compute, skip, carry):
+  if occupied is None:
     return compute(carry)
-  return lax.cond(jnp.any(user_mask), compute, lambda c: c, carry)
+  return lax.cond(occupied, compute, skip, carry)
 
 
 def _logits(q_i, k_j, tile_bias, full_mask, cfg):
@@ -136,13 +162,14 @@ def _forward(cfg: _Config, q, k, v, bias, mask):
   k_pad, dv = k.shape[2], v.shape[-1]
   n_q, n_kv = q_pad // cfg.block_q, k_pad // cfg.block_kv
   q_blocks = jnp.moveaxis(q.reshape(b, hk, g, n_q, cfg.block_q, -1), 3, 0)
+  occupancy = _tile_occupancy(mask, cfg, q_pad, k_pad)
 
   def q_step(_, inp):
     i, q_i = inp
 
     def make_step(positional):
       def kv_step(j, carry):
-        user_mask, full_mask, tile_bias = _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad, positional)
+        full_mask, tile_bias = _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad, positional)
         k_j = lax.dynamic_slice_in_dim(k, j * cfg.block_kv, cfg.block_kv, axis=2)
         v_j = lax.dynamic_slice_in_dim(v, j * cfg.block_kv, cfg.block_kv, axis=2)
 
@@ -159,7 +186,8 @@ def _forward(cfg: _Config, q, k, v, bias, mask):
                           precision=cfg.precision, preferred_element_type=jnp.float32)
           return m_new, l, acc * corr[..., None] + pv
 
-        return _maybe_skip(user_mask, compute, carry)
+        occupied = None if occupancy is None else occupancy[i, j]
+        return _maybe_skip(occupied, compute, lambda c: c, carry)
       return kv_step
 
     init = (
@@ -167,7 +195,7 @@ def _forward(cfg: _Config, q, k, v, bias, mask):
         jnp.zeros((b, hk, g, cfg.block_q), jnp.float32),
         jnp.zeros((b, hk, g, cfg.block_q, dv), jnp.float32),
     )
-    m, l, acc = _loop_tiles(i, cfg, n_kv, k_pad, make_step, init)
+    m, l, acc = _loop_tiles(i, cfg, n_kv, k_pad, occupancy, make_step, init)
     has_keys = l > 0
     out = acc / jnp.where(has_keys, l, 1.0)[..., None]
     # Rows with no key keep lse = 0; their recomputed probabilities are
@@ -190,43 +218,55 @@ def _backward(cfg: _Config, q, k, v, bias, mask, out, lse, dout):
   def blocks(x):
     return jnp.moveaxis(x.reshape(x.shape[:3] + (n_q, cfg.block_q) + x.shape[4:]), 3, 0)
 
+  occupancy = _tile_occupancy(mask, cfg, q_pad, k_pad)
+
   def q_step(carry, inp):
     i, q_i, do_i, lse_i, delta_i = inp
+    ein = functools.partial(jnp.einsum, precision=cfg.precision,
+                            preferred_element_type=jnp.float32)
 
     def make_step(positional):
       def kv_step(j, c):
-        user_mask, full_mask, tile_bias = _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad, positional)
+        full_mask, tile_bias = _tile_inputs(i, j, bias, mask, cfg, q_pad, k_pad, positional)
         k_j = lax.dynamic_slice_in_dim(k, j * cfg.block_kv, cfg.block_kv, axis=2)
         v_j = lax.dynamic_slice_in_dim(v, j * cfg.block_kv, cfg.block_kv, axis=2)
 
-        def compute(c):
-          dk, dv, dbias, dq_i = c
+        # The cond carries only tile-sized values: threading the full dK/dV
+        # buffers through it would copy them for every tile.
+        def compute(dq_i):
           s = _logits(q_i, k_j, tile_bias, full_mask, cfg)
           p = jnp.exp(s - lse_i[..., None])
           if full_mask is not None:
             p = jnp.where(full_mask, p, 0.0)
-          ein = functools.partial(jnp.einsum, precision=cfg.precision,
-                                  preferred_element_type=jnp.float32)
           dv_j = ein("bhgqk,bhgqd->bhkd", p.astype(do_i.dtype), do_i)
           dp = ein("bhgqd,bhkd->bhgqk", do_i, v_j)
           ds = p * (dp - delta_i[..., None])
           dq_i = dq_i + ein("bhgqk,bhkd->bhgqd", ds.astype(k_j.dtype), k_j)
           dk_j = ein("bhgqk,bhgqd->bhkd", ds.astype(q_i.dtype), q_i)
-          at = j * cfg.block_kv
-          dk = lax.dynamic_update_slice_in_dim(
-              dk, lax.dynamic_slice_in_dim(dk, at, cfg.block_kv, 2) + dk_j, at, 2)
-          dv = lax.dynamic_update_slice_in_dim(
-              dv, lax.dynamic_slice_in_dim(dv, at, cfg.block_kv, 2) + dv_j, at, 2)
-          if dbias is not None:
-            dbias = _accumulate_bias_grad(dbias, ds, i, j, cfg, q_pad, k_pad)
-          return dk, dv, dbias, dq_i
+          return dq_i, dk_j, dv_j, ds if bias is not None else None
 
-        return _maybe_skip(user_mask, compute, c)
+        def skip(dq_i):
+          ds = (jnp.zeros(q_i.shape[:4] + (cfg.block_kv,), jnp.float32)
+                if bias is not None else None)
+          return dq_i, jnp.zeros(k_j.shape, jnp.float32), jnp.zeros(v_j.shape, jnp.float32), ds
+
+        dk, dv, dbias, dq_i = c
+        occupied = None if occupancy is None else occupancy[i, j]
+        dq_i, dk_j, dv_j, ds = _maybe_skip(occupied, compute, skip, dq_i)
+        at = j * cfg.block_kv
+        dk = lax.dynamic_update_slice_in_dim(
+            dk, lax.dynamic_slice_in_dim(dk, at, cfg.block_kv, 2) + dk_j, at, 2)
+        dv = lax.dynamic_update_slice_in_dim(
+            dv, lax.dynamic_slice_in_dim(dv, at, cfg.block_kv, 2) + dv_j, at, 2)
+        if dbias is not None:
+          dbias = _accumulate_bias_grad(dbias, ds, i, j, cfg, q_pad, k_pad)
+        return dk, dv, dbias, dq_i
       return kv_step
 
     dk, dv, dbias = carry
     dq_i = jnp.zeros(q_i.shape, jnp.float32)
-    dk, dv, dbias, dq_i = _loop_tiles(i, cfg, n_kv, k_pad, make_step, (dk, dv, dbias, dq_i))
+    dk, dv, dbias, dq_i = _loop_tiles(i, cfg, n_kv, k_pad, occupancy, make_step,
+                                      (dk, dv, dbias, dq_i))
     return (dk, dv, dbias), dq_i
 
   init = (

@@ -29,7 +29,7 @@ from attention.models.recurrent import (
     RNNEncoder,
     cast_tree_like,
     make_cell,
-    scan_decoder,
+    StepDecoderModel,
     source_lengths,
     source_mask,
 )
@@ -97,7 +97,7 @@ class _LuongStep(nn.Module):
     return cast_tree_like(new_state, state), (logits.astype(jnp.float32), {"cross": weights})
 
 
-class LuongSeq2Seq(nn.Module):
+class LuongSeq2Seq(StepDecoderModel):
   """Luong et al. (2015) attentional stacked-LSTM encoder-decoder.
 
   Attributes:
@@ -175,28 +175,3 @@ class LuongSeq2Seq(nn.Module):
     if self.input_feeding:
       state["feed"] = jnp.zeros((batch, self.hidden_dim), jnp.float32)
     return state
-
-  def decode_step(self, tokens: Array, state: dict[str, Any], memory: dict[str, Any]
-                  ) -> tuple[Array, dict[str, Any], dict[str, Array]]:
-    """One inference step: ``tokens [N]`` -> ``(logits [N, V], state, {'cross': [N, S]})``."""
-    state, (logits, aux) = self.decoder(state, self.tgt_embed(tokens), memory, train=False)
-    return logits, state, aux
-
-  def __call__(self, src: Array, tgt_in: Array, *, train: bool = False,
-               return_alignments: bool = False) -> Array | tuple[Array, dict[str, Array]]:
-    """Teacher-forced forward pass.
-
-    Args:
-      src: ``[B, S]`` int32 source, 0 = pad.
-      tgt_in: ``[B, T]`` int32 BOS-shifted target.
-      train: Enables dropout (rng ``'dropout'``).
-      return_alignments: Also return ``{'cross': [B, T, S]}``.
-
-    Returns:
-      float32 logits ``[B, T, V]``, or ``(logits, alignments)``.
-    """
-    memory = self.encode(src, train=train)
-    state = self.init_decode_state(memory, tgt_in.shape[1])
-    _, (logits, aux) = scan_decoder(
-        self.decoder, state, self.tgt_embed(tgt_in), memory, train=train)
-    return (logits, aux) if return_alignments else logits

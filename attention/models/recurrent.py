@@ -215,3 +215,39 @@ def scan_decoder(
       out_axes=1,
   )
   return scanned(step, state, inputs, memory)
+
+
+class StepDecoderModel(nn.Module):
+  """Teacher-forced and step-by-step paths shared by the RNN encoder-decoders.
+
+  A subclass defines ``encode``, ``init_decode_state`` and, in ``setup``,
+  ``tgt_embed`` and a step module ``decoder`` (``(state, y_emb, memory, *,
+  train) -> (state, (logits, aux))``). Training scans that same step module,
+  so teacher forcing equals decoding token by token by construction.
+  """
+
+  def decode_step(self, tokens: Array, state: dict[str, Any], memory: dict[str, Any]
+                  ) -> tuple[Array, dict[str, Any], dict[str, Array]]:
+    """One inference step: ``tokens [N]`` -> ``(logits [N, V], state, aux)``."""
+    state, (logits, aux) = self.decoder(state, self.tgt_embed(tokens), memory, train=False)
+    return logits, state, aux
+
+  def __call__(self, src: Array, tgt_in: Array, *, train: bool = False,
+               return_alignments: bool = False) -> Array | tuple[Array, dict[str, Array]]:
+    """Teacher-forced forward pass.
+
+    Args:
+      src: ``[B, S]`` int32 source, 0 = pad.
+      tgt_in: ``[B, T]`` int32 BOS-shifted target.
+      train: Enables dropout (rng ``'dropout'``).
+      return_alignments: Also return the alignments, e.g. ``{'cross': [B, T, S]}``
+        (``{}`` for a model without attention).
+
+    Returns:
+      float32 logits ``[B, T, V]``, or ``(logits, alignments)``.
+    """
+    memory = self.encode(src, train=train)
+    state = self.init_decode_state(memory, tgt_in.shape[1])
+    _, (logits, aux) = scan_decoder(
+        self.decoder, state, self.tgt_embed(tgt_in), memory, train=train)
+    return (logits, aux) if return_alignments else logits

@@ -29,7 +29,7 @@ from attention.models.recurrent import (
     DeepOutput,
     RNNEncoder,
     cast_tree_like,
-    scan_decoder,
+    StepDecoderModel,
     source_lengths,
     source_mask,
 )
@@ -91,7 +91,7 @@ class _RNNEncDecStep(nn.Module):
     return cast_tree_like({"hidden": tuple(new_hidden)}, state), (logits, {})
 
 
-class RNNEncDec(nn.Module):
+class RNNEncDec(StepDecoderModel):
   """Cho et al. (2014) GRU encoder-decoder with a fixed-length summary ``c``.
 
   With ``num_layers > 1`` encoder and decoder are stacked GRUs; ``c`` summarises
@@ -161,28 +161,3 @@ class RNNEncDec(nn.Module):
     summary = memory["summary"]
     return {"hidden": tuple(
         jnp.tanh(proj(summary)).astype(jnp.float32) for proj in self.init_proj)}
-
-  def decode_step(self, tokens: Array, state: dict[str, Any], memory: dict[str, Array]
-                  ) -> tuple[Array, dict[str, Any], dict[str, Array]]:
-    """One inference step: ``tokens [N]`` -> ``(logits [N, V], state, {})``."""
-    state, (logits, aux) = self.decoder(state, self.tgt_embed(tokens), memory, train=False)
-    return logits, state, aux
-
-  def __call__(self, src: Array, tgt_in: Array, *, train: bool = False,
-               return_alignments: bool = False) -> Array | tuple[Array, dict[str, Array]]:
-    """Teacher-forced forward pass.
-
-    Args:
-      src: ``[B, S]`` int32 source, 0 = pad.
-      tgt_in: ``[B, T]`` int32 BOS-shifted target.
-      train: Enables dropout (rng ``'dropout'``).
-      return_alignments: Also return the (empty) alignment dict.
-
-    Returns:
-      float32 logits ``[B, T, V]``, or ``(logits, {})``.
-    """
-    memory = self.encode(src, train=train)
-    state = self.init_decode_state(memory, tgt_in.shape[1])
-    _, (logits, aux) = scan_decoder(
-        self.decoder, state, self.tgt_embed(tgt_in), memory, train=train)
-    return (logits, aux) if return_alignments else logits

@@ -30,7 +30,7 @@ from attention.models.recurrent import (
     DeepOutput,
     RNNEncoder,
     cast_tree_like,
-    scan_decoder,
+    StepDecoderModel,
     source_lengths,
     source_mask,
 )
@@ -109,7 +109,7 @@ class _RNNSearchStep(nn.Module):
     return new_state, (logits, {"cross": weights})
 
 
-class RNNSearch(nn.Module):
+class RNNSearch(StepDecoderModel):
   """Bahdanau et al. (2015) attentional encoder-decoder.
 
   ``num_layers`` stacks both the bidirectional encoder and the decoder GRU
@@ -189,28 +189,3 @@ class RNNSearch(nn.Module):
     hidden = tuple(
         jnp.tanh(proj(backward_first)).astype(jnp.float32) for proj in self.init_proj)
     return {"hidden": hidden}
-
-  def decode_step(self, tokens: Array, state: dict[str, Any], memory: dict[str, Array]
-                  ) -> tuple[Array, dict[str, Any], dict[str, Array]]:
-    """One inference step: ``tokens [N]`` -> ``(logits [N, V], state, {'cross': [N, S]})``."""
-    state, (logits, aux) = self.decoder(state, self.tgt_embed(tokens), memory, train=False)
-    return logits, state, aux
-
-  def __call__(self, src: Array, tgt_in: Array, *, train: bool = False,
-               return_alignments: bool = False) -> Array | tuple[Array, dict[str, Array]]:
-    """Teacher-forced forward pass.
-
-    Args:
-      src: ``[B, S]`` int32 source, 0 = pad.
-      tgt_in: ``[B, T]`` int32 BOS-shifted target.
-      train: Enables dropout (rng ``'dropout'``).
-      return_alignments: Also return ``{'cross': [B, T, S]}``.
-
-    Returns:
-      float32 logits ``[B, T, V]``, or ``(logits, alignments)``.
-    """
-    memory = self.encode(src, train=train)
-    state = self.init_decode_state(memory, tgt_in.shape[1])
-    _, (logits, aux) = scan_decoder(
-        self.decoder, state, self.tgt_embed(tgt_in), memory, train=train)
-    return (logits, aux) if return_alignments else logits

@@ -1,0 +1,134 @@
+"""``sweep.json``: what each trial of a sweep is, and how far it got.
+
+The manifest is rewritten atomically (temp file + ``os.replace``) after every
+change, so a launcher killed at any moment leaves either the old or the new file,
+never half of one. A re-run reads it back to skip the trials that are done.
+
+Also ``python -m launch.manifest complete WORKDIR``: exit 0 when that run reached
+its last step, 75 otherwise (used on TPU workers, where ``experiments.run`` exits 0
+after a SIGTERM-triggered save even though training is not finished).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import tempfile
+import threading
+from typing import Any, Iterable
+
+from launch.sweep_spec import Trial
+
+PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
+EXIT_INCOMPLETE = 75   # EX_TEMPFAIL: "try again", which is what resuming does
+
+
+def now() -> str:
+  return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _open(path: str, mode: str = "r"):
+  if "://" in path:
+    from etils import epath  # orbax's dependency; reads gs:// without gcloud
+    return epath.Path(path).open(mode)
+  return open(path, mode)
+
+
+def last_metrics(workdir: str) -> dict[str, Any] | None:
+  """The last line of ``workdir/metrics.jsonl`` (the final eval), or None."""
+  try:
+    with _open(workdir.rstrip("/") + "/metrics.jsonl") as f:
+      lines = [l for l in f.read().splitlines() if l.strip()]
+    return json.loads(lines[-1]) if lines else None
+  except (OSError, ValueError):
+    return None
+
+
+def is_complete(workdir: str) -> bool:
+  """True when the run's last eval is at ``num_train_steps`` (it evaluates at the end).
+
+  A return code of 0 alone is not enough: a SIGTERM'd run saves and exits 0 too.
+  """
+  metrics = last_metrics(workdir)
+  if metrics is None:
+    return False
+  try:
+    with _open(workdir.rstrip("/") + "/config.json") as f:
+      total = json.load(f)["num_train_steps"]
+  except (OSError, ValueError, KeyError):
+    return True   # no config to compare against: trust the final metrics line
+  return int(metrics.get("step", -1)) >= int(total)
+
+
+class Manifest:
+  """The ``sweep.json`` of one sweep directory; thread-safe.
+
+  Args:
+    path: the JSON file (created on the first :meth:`save`).
+    header: sweep-level facts recorded next to the trials (config, extra flags).
+  """
+
+  def __init__(self, path: str, header: dict[str, Any] | None = None):
+    self.path = path
+    self._lock = threading.RLock()   # re-entrant: a signal handler may save mid-save
+    self.data: dict[str, Any] = {"trials": {}}
+    if os.path.exists(path):
+      with open(path) as f:
+        self.data = json.load(f)
+    self.data.update(header or {})
+
+  @property
+  def trials(self) -> dict[str, dict[str, Any]]:
+    return self.data["trials"]
+
+  def sync(self, trials: Iterable[Trial]) -> None:
+    """Makes the manifest list exactly ``trials``, keeping what it knew about each.
+
+    A trial whose command changed (other extra flags, another config) is not the
+    same experiment any more: it goes back to pending.
+    """
+    old = self.trials
+    new = {}
+    for t in trials:
+      rec = dict(old.get(t.name, {}))
+      if rec.get("command") not in (None, t.command):
+        rec = {"previous_command": rec["command"]}
+      rec.update(name=t.name, overrides=t.overrides, workdir=t.workdir, command=t.command)
+      rec.setdefault("status", PENDING)
+      new[t.name] = rec
+    with self._lock:
+      self.data["trials"] = new
+    self.save()
+
+  def update(self, name: str, **fields: Any) -> None:
+    with self._lock:
+      self.trials[name].update(fields)
+    self.save()
+
+  def save(self) -> None:
+    with self._lock:
+      self.data["updated"] = now()
+      directory = os.path.dirname(os.path.abspath(self.path))
+      os.makedirs(directory, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(prefix=".sweep.", suffix=".json", dir=directory)
+      with os.fdopen(fd, "w") as f:
+        json.dump(self.data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) != 2 or argv[0] != "complete":
+    print("usage: python -m launch.manifest complete WORKDIR", file=sys.stderr)
+    return 2
+  if is_complete(argv[1]):
+    return 0
+  print(f"{argv[1]}: stopped before its last step; re-run to resume.", file=sys.stderr)
+  return EXIT_INCOMPLETE
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -24,7 +24,29 @@ from attention.masks import expand_memory_mask, masked_softmax
 __all__ = [
     "AdditiveAttention",
     "attend",
+    "memory_inputs",
 ]
+
+
+def memory_inputs(query: Array, keys: Array, values: Array | None
+                  ) -> tuple[Array, Array, bool]:
+  """Validates single-head memory-attention inputs (shared by Additive and Luong).
+
+  Returns:
+    ``(queries [batch, q_len, q_dim], values, single_step)``; a ``[batch, q_dim]``
+    query becomes one step.
+  """
+  if keys.ndim != 3:
+    raise ValueError(f"keys must be [batch, kv_len, k_dim], got shape {keys.shape}")
+  if query.ndim not in (2, 3):
+    raise ValueError(
+        f"query must be [batch, q_dim] or [batch, q_len, q_dim], got shape {query.shape}")
+  values = keys if values is None else values
+  if values.ndim != 3 or values.shape[:2] != keys.shape[:2]:
+    raise ValueError(f"values must be [batch, kv_len, v_dim] matching keys {keys.shape[:2]},"
+                     f" got shape {values.shape}")
+  single_step = query.ndim == 2
+  return (query[:, None, :] if single_step else query), values, single_step
 
 
 def attend(
@@ -145,20 +167,7 @@ class AdditiveAttention(nn.Module):
     Raises:
       ValueError: On inconsistent input ranks or shapes.
     """
-    if keys.ndim != 3:
-      raise ValueError(f"keys must be [batch, kv_len, k_dim], got shape {keys.shape}")
-    if query.ndim not in (2, 3):
-      raise ValueError(
-          f"query must be [batch, q_dim] or [batch, q_len, q_dim], got shape {query.shape}"
-      )
-    values = keys if values is None else values
-    if values.ndim != 3 or values.shape[:2] != keys.shape[:2]:
-      raise ValueError(
-          f"values must be [batch, kv_len, v_dim] matching keys {keys.shape[:2]}, "
-          f"got shape {values.shape}"
-      )
-    single_step = query.ndim == 2
-    queries = query[:, None, :] if single_step else query
+    queries, values, single_step = memory_inputs(query, keys, values)
     batch, q_len, _ = queries.shape
     kv_len = keys.shape[1]
 

@@ -27,7 +27,7 @@ import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 from flax.typing import Array, Dtype, Initializer, PrecisionLike
 
-from attention.additive import attend
+from attention.additive import attend, memory_inputs
 from attention.masks import expand_memory_mask, masked_softmax
 
 __all__ = ["LuongAttention", "SCORES", "MODES"]
@@ -235,20 +235,7 @@ class LuongAttention(nn.Module):
       ValueError: On inconsistent shapes, a ``dot`` score with mismatched
         dims, or ``local-m`` on a single step without ``step``.
     """
-    if keys.ndim != 3:
-      raise ValueError(f"keys must be [batch, S, k_dim], got shape {keys.shape}")
-    if query.ndim not in (2, 3):
-      raise ValueError(
-          f"query must be [batch, dim] or [batch, q_len, dim], got shape {query.shape}"
-      )
-    values = keys if values is None else values
-    if values.ndim != 3 or values.shape[:2] != keys.shape[:2]:
-      raise ValueError(
-          f"values must be [batch, S, v_dim] matching keys {keys.shape[:2]}, "
-          f"got shape {values.shape}"
-      )
-    single_step = query.ndim == 2
-    queries = query[:, None, :] if single_step else query
+    queries, values, single_step = memory_inputs(query, keys, values)
     batch, q_len, _ = queries.shape
     kv_len = keys.shape[1]
 

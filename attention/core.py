@@ -190,7 +190,11 @@ def _cudnn(query, key, value, bias, mask, is_causal, scale):
       return x.reshape((1,) + x.shape[-3:])
     return jnp.broadcast_to(x, batch + x.shape[-3:]).reshape((-1,) + x.shape[-3:])
 
-  b4, m4 = four_d(bias), four_d(mask)
+  # cuDNN wants full [q_len, kv_len] bias/mask planes (a padding mask is
+  # usually [B, 1, 1, S]); batch and head axes may stay broadcast.
+  plane = lambda x: None if x is None else jnp.broadcast_to(
+      x, x.shape[:2] + (q.shape[1], k.shape[1]))
+  b4, m4 = plane(four_d(bias)), plane(four_d(mask))
   out = jax.nn.dot_product_attention(
       q, k, v, bias=None if b4 is None else b4.astype(q.dtype), mask=m4,
       scale=scale, is_causal=is_causal, implementation="cudnn",

@@ -229,15 +229,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
   ckpt = Checkpointer(workdir / "checkpoints", config.max_checkpoints_to_keep)
   latest = ckpt.latest_step()
-  check_and_write_config(config.to_dict(), workdir, latest) if primary else None
-  if latest is not None:
-    abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    state, data_state = ckpt.restore(latest, abstract_sharded)
-    ds.train.set_state(data_state)
-    log.info("resumed from %s at step %d", workdir / "checkpoints", latest)
-  else:
-    state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+  try:
+    if primary:
+      check_and_write_config(config.to_dict(), workdir, latest)
+    if latest is not None:
+      abstract_sharded = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+          state_sharding)
+      state, data_state = ckpt.restore(latest, abstract_sharded)
+      ds.train.set_state(data_state)
+      log.info("resumed from %s at step %d", workdir / "checkpoints", latest)
+    else:
+      state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+  except BaseException:
+    ckpt.close()  # let orbax's background threads finish before the error surfaces
+    raise
   num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
   start = int(_host(state.step))
 

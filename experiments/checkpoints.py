@@ -16,6 +16,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from experiments.metric_writers import flatten
+
 # Fields a resumed run may change: they alter neither shapes nor data order.
 RESUMABLE_CHANGES = (
     "num_train_steps", "eval_every_steps", "checkpoint_every_steps", "log_every_steps",
@@ -29,17 +31,6 @@ class ResumeError(ValueError):
   """The workdir holds a run that this config cannot continue."""
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def check_and_write_config(config_dict: dict, workdir: Path, step: int | None) -> None:
   """Writes ``config.json`` on a fresh run; on resume checks compatibility.
 
@@ -51,8 +42,8 @@ def check_and_write_config(config_dict: dict, workdir: Path, step: int | None) -
   if not path.exists():
     _atomic_write(path, new_json)
     return
-  old = _flatten(json.loads(path.read_text()))
-  new = _flatten(json.loads(new_json))
+  old = flatten(json.loads(path.read_text()))
+  new = flatten(json.loads(new_json))
   changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   fatal = [k for k in changed if k.split(".")[0] not in RESUMABLE_CHANGES]
   if fatal:

@@ -87,12 +87,13 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
   return records
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested mappings -> ``{"a.b.c": leaf}``."""
   out = {}
   for key, value in tree.items():
     name = f"{prefix}{key}"
     if isinstance(value, Mapping):
-      out.update(_flatten(value, name + "."))
+      out.update(flatten(value, name + "."))
     else:
       out[name] = value
   return out
@@ -231,7 +232,7 @@ class MetricWriter:
     """
     if self._writer is None:
       return
-    rows = [f"| `{k}` | `{v}` |" for k, v in sorted(_flatten(hparams).items())]
+    rows = [f"| `{k}` | `{v}` |" for k, v in sorted(flatten(hparams).items())]
     self._writer.add_text("hparams", "\n".join(["| name | value |", "|---|---|"] + rows), 0)
 
   def flush(self) -> None:

@@ -71,7 +71,7 @@ def test_translation_configs_tiny_end_to_end(name, tmp_path):
     assert list((tmp_path / "plots").glob("alignment_*.png"))
 
 
-@pytest.mark.parametrize("name", ["transformer_lm", "lstmn_lm"])
+@pytest.mark.parametrize("name", ["transformer_lm", "lstmn_lm", "lstm_lm"])
 def test_lm_configs_tiny_end_to_end(name, tmp_path):
   c = load_config(name, "tiny")
   c.data.path = str(write_text_corpus(tmp_path / "corpus.txt"))

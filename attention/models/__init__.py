@@ -14,6 +14,7 @@ from attention.models.base import (
     padding_mask,
     shift_right,
 )
+from attention.models.lstm_lm import LSTMLanguageModel
 from attention.models.lstmn import LSTMNLanguageModel, LSTMNSeq2Seq
 from attention.models.luong_seq2seq import LuongSeq2Seq
 from attention.models.rnn_encdec import RNNEncDec

@@ -257,11 +257,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log.info("model %s: %.2fM parameters; %d devices (%s); workdir %s", config.model.name,
              num_params / 1e6, jax.device_count(), mesh.shape, workdir)
 
-  def run_eval(step: int) -> dict:
+  def run_eval(step: int, train_loss: float) -> dict:
     from experiments import eval_loop  # local: plots pull in matplotlib
     metrics = eval_loop.evaluate_all(config, model, state.params, ds, eval_step, data_sharding,
                                      workdir, step, writer, task, _host,
                                      final=step == config.num_train_steps)
+    # Reports (launch.report, experiments.compare) read only metrics.jsonl.
+    metrics.update({"train/loss": train_loss, "model/num_params": float(num_params)})
     writer.write_eval(step, metrics)
     return metrics
 
@@ -307,7 +309,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.update(s, loss=m["loss"], lr=float(l), tokens_per_sec=tps)
         t_mark, tokens_since = now, 0.0
         if boundary["eval"]:
-          last_metrics = {"step": step, **run_eval(step)}
+          last_metrics = {"step": step, **run_eval(step, m["loss"])}
           progress.message(step, last_metrics)
         if boundary["ckpt"] or stop:
           # TensorBoard events are buffered: flush them with each checkpoint so a

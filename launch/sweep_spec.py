@@ -10,6 +10,13 @@ A config file may define ``get_sweep(add)`` next to ``get_config(arg)``::
 
 Each ``add(**overrides)`` is one trial; keys are dotted config paths. A
 ``get_sweep()`` without parameters may instead return or yield the dicts.
+
+The reserved key ``config_arg`` replaces the file's ``:arg`` for that trial, so
+one sweep can span what only ``get_config(arg)`` can change (the model family)::
+
+    def get_sweep(add):
+      for family in ("rnnsearch", "transformer"):
+        add(config_arg=f"family={family}")
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from launch.runner import format_command
 # usable as a directory name on every filesystem (255 bytes) and in gs:// paths.
 MAX_NAME_LEN = 96
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
+CONFIG_ARG = "config_arg"   # reserved sweep key: the trial's get_config(arg)
 
 
 class SweepError(ValueError):
@@ -84,7 +92,9 @@ def trial_name(overrides: dict[str, Any]) -> str:
   """
   if not overrides:
     return "base"
-  raw = ",".join(f"{k}={format_value(overrides[k])}" for k in sorted(overrides))
+  items = [format_value(overrides[CONFIG_ARG])] if CONFIG_ARG in overrides else []
+  items += [f"{k}={format_value(overrides[k])}" for k in sorted(overrides) if k != CONFIG_ARG]
+  raw = ",".join(items)
   safe = _UNSAFE.sub("_", raw)
   if safe == raw and len(raw) <= MAX_NAME_LEN and not raw.startswith("."):
     return raw
@@ -94,7 +104,7 @@ def trial_name(overrides: dict[str, Any]) -> str:
 
 def override_flags(overrides: dict[str, Any]) -> list[str]:
   """``{"model.score": "dot"}`` -> ``["--config.model.score=dot"]`` in the sweep's key order."""
-  return [f"--config.{k}={format_value(v)}" for k, v in overrides.items()]
+  return [f"--config.{k}={format_value(v)}" for k, v in overrides.items() if k != CONFIG_ARG]
 
 
 def split_config_arg(config: str) -> tuple[str, str | None]:
@@ -157,7 +167,15 @@ def load_sweep(config: str) -> list[dict[str, Any]]:
       raise SweepError(f"{path}: trial {name!r} appears twice in the sweep.")
     seen[name] = t
   if hasattr(module, "get_config"):
-    _check_keys(module.get_config(arg), trials, path)
+    configs: dict[Any, Any] = {}
+    for t in trials:
+      trial_arg = t.get(CONFIG_ARG, arg)
+      if trial_arg not in configs:
+        try:
+          configs[trial_arg] = module.get_config(trial_arg)
+        except ValueError as e:
+          raise SweepError(f"{path}: get_config({trial_arg!r}) failed: {e}") from None
+      _check_keys(configs[trial_arg], [t], path)
   return trials
 
 
@@ -165,6 +183,8 @@ def _check_keys(cfg, trials: list[dict[str, Any]], path: str) -> None:
   """Fails before anything is launched when a swept field does not exist."""
   for t in trials:
     for key in t:
+      if key == CONFIG_ARG:
+        continue
       node = cfg
       for part in key.split("."):
         try:
@@ -207,7 +227,9 @@ def make_trials(config: str, trials: list[dict[str, Any]], workdir: str, extra: 
       raise SweepError(f"extra override(s) {clash} would replace swept values; drop them.")
     name = trial_name(overrides)
     wd = join_workdir(workdir, name)
-    argv = [python, "-m", "experiments.run", "--config", config, "--workdir", wd,
+    trial_config = (split_config_arg(config)[0] + ":" + str(overrides[CONFIG_ARG])
+                    if CONFIG_ARG in overrides else config)
+    argv = [python, "-m", "experiments.run", "--config", trial_config, "--workdir", wd,
             *override_flags(overrides), *extra]
     out.append(Trial(name, overrides, wd, argv))
   return out

@@ -1,0 +1,232 @@
+"""Tables and plots that put finished runs side by side (compare and the reproductions).
+
+Everything here reads run directories only (``config.json`` and ``metrics.jsonl``),
+so a report can be rebuilt at any time, on any machine that has the directories.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Any, Mapping, Sequence
+
+from experiments.metric_writers import read_metrics
+
+_BUCKET = re.compile(r"^(eval|test)_by_length/(bleu|exact_match|count)_(.+)$")
+
+
+class Run:
+  """One finished (or partly finished) run directory.
+
+  Attributes:
+    label: Name shown in tables and legends.
+    workdir: The run directory.
+    config: ``config.json`` as a dict ({} if missing).
+    history: Every ``metrics.jsonl`` record, in step order.
+    final: The records of the last step merged into one dict ({} if none).
+  """
+
+  def __init__(self, label: str, workdir: str):
+    self.label, self.workdir = label, workdir
+    path = os.path.join(workdir, "config.json")
+    self.config: dict[str, Any] = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        self.config = json.load(f)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    self.history = sorted(read_metrics(metrics), key=lambda r: r.get("step", 0)) \
+        if os.path.exists(metrics) else []
+    self.final: dict[str, Any] = {}
+    if self.history:
+      last = self.history[-1]["step"]
+      for rec in self.history:
+        if rec["step"] == last:
+          self.final.update(rec)
+
+  @property
+  def model(self) -> str:
+    return str(self.config.get("model", {}).get("name", "?"))
+
+  @property
+  def is_lm(self) -> bool:
+    return self.model.endswith("_lm")
+
+  @property
+  def synthetic(self) -> bool:
+    return self.config.get("data", {}).get("name") not in ("multi30k", "parallel", "text")
+
+  def get(self, key: str) -> float | None:
+    v = self.final.get(key)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+  def by_length(self, metric: str, split: str = "test") -> dict[str, tuple[float, int]]:
+    """``{"0-9": (value, count), ...}`` in bucket order, from the final record."""
+    values: dict[str, dict[str, float]] = {}
+    for key, v in self.final.items():
+      m = _BUCKET.match(key)
+      if m and m.group(1) == split:
+        values.setdefault(m.group(3), {})[m.group(2)] = v
+    order = sorted(values, key=lambda lab: float(lab.split("-")[0].rstrip("+")))
+    return {lab: (values[lab].get(metric, float("nan")), int(values[lab].get("count", 0)))
+            for lab in order}
+
+
+def find_runs(root: str, names: Sequence[str] | None = None) -> list[Run]:
+  """Runs under ``root``: a launch.sweep directory (``sweep.json``) or one sub-directory each.
+
+  Args:
+    root: The directory.
+    names: Sub-directories to take, in this order (default: every one that has
+      ``metrics.jsonl`` or ``config.json``, sorted; for a sweep, its trial order).
+  """
+  sweep = os.path.join(root, "sweep.json")
+  if os.path.exists(sweep):
+    with open(sweep) as f:
+      trials = json.load(f)["trials"]
+    runs = [Run(name, rec["workdir"]) for name, rec in trials.items()]
+    return [r for r in runs if names is None or r.label in names]
+  if names is None:
+    names = sorted(d for d in os.listdir(root) if any(
+        os.path.exists(os.path.join(root, d, f)) for f in ("metrics.jsonl", "config.json")))
+  return [Run(n, os.path.join(root, n)) for n in names]
+
+
+def fmt(v: float | None, digits: int = 3) -> str:
+  if v is None or (isinstance(v, float) and math.isnan(v)):
+    return "–"
+  if abs(v) >= 1e5:
+    return f"{v / 1e6:.2f}M"
+  return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def length_metric(runs: Sequence[Run]) -> str:
+  """exact_match (sequence accuracy) on synthetic tasks, BLEU on real text."""
+  return "exact_match" if runs and all(r.synthetic for r in runs) else "bleu"
+
+
+def summary_table(runs: Sequence[Run], seconds: Mapping[str, float] | None = None) -> str:
+  """One row per run: size, cost and the final metrics that the task has."""
+  seconds = seconds or {}
+  lm = bool(runs) and all(r.is_lm for r in runs)
+  header = ["run", "model", "params", "steps", "wall s", "train loss", "eval loss"]
+  if lm:
+    header += ["eval ppl", "bits/token", "eval acc"]
+  else:
+    header += ["eval acc", "eval seq acc", "eval BLEU", "test BLEU", "test exact"]
+  rows = []
+  for r in runs:
+    loss = r.get("eval/loss")
+    row = [r.label, r.model, fmt(r.get("model/num_params")),
+           str(r.final.get("step", "–")), fmt(seconds.get(r.label), 4),
+           fmt(r.get("train/loss")), fmt(loss)]
+    if lm:
+      row += [fmt(r.get("eval/perplexity")),
+              fmt(loss / math.log(2) if loss is not None else None), fmt(r.get("eval/accuracy"))]
+    else:
+      row += [fmt(r.get("eval/accuracy")), fmt(r.get("eval/sequence_accuracy")),
+              fmt(r.get("eval/bleu")), fmt(r.get("test/bleu")), fmt(r.get("test/exact_match"))]
+    rows.append(row)
+  return markdown(header, rows)
+
+
+def length_table(runs: Sequence[Run], metric: str, split: str = "test") -> str:
+  """Runs x source-length buckets, with the bucket sizes in the header."""
+  buckets: dict[str, int] = {}
+  for r in runs:
+    for lab, (_, n) in r.by_length(metric, split).items():
+      buckets.setdefault(lab, n)
+  if not buckets:
+    return ""
+  header = [f"{split} {metric} by source length"] + [f"{lab} (n={n})" for lab, n in buckets.items()]
+  rows = []
+  for r in runs:
+    values = r.by_length(metric, split)
+    rows.append([r.label] + [fmt(values[lab][0] if lab in values else None) for lab in buckets])
+  return markdown(header, rows)
+
+
+def plot_by_length(runs: Sequence[Run], metric: str, path: str, split: str = "test",
+                   title: str = "") -> bool:
+  """Bahdanau Fig. 2 style: one line per run, metric against source length."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  drawn = False
+  for r in runs:
+    values = r.by_length(metric, split)
+    if values:
+      ax.plot(list(values), [v for v, _ in values.values()], marker="o", label=r.label)
+      drawn = True
+  if drawn:
+    ax.set_xlabel("source length (tokens)")
+    ax.set_ylabel(f"{split} {metric.replace('_', ' ')}")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return drawn
+
+
+def plot_curves(runs: Sequence[Run], key: str, path: str, title: str = "") -> bool:
+  """``key`` (e.g. ``eval/loss``) against training step, one line per run."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.0))
+  drawn = False
+  for r in runs:
+    pts = [(rec["step"], rec[key]) for rec in r.history if isinstance(rec.get(key), (int, float))]
+    if pts:
+      ax.plot(*zip(*pts), marker="o", label=r.label)
+      drawn = True
+  if drawn:
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return drawn
+
+
+def write(root: str, names: Sequence[str] | None = None, *, runs: Mapping[str, Any] | None = None,
+          title: str = "") -> str:
+  """Writes ``root/compare.md`` and ``root/compare_{by_length,eval_loss}.png``; returns the Markdown."""
+  found = [r for r in find_runs(root, names) if r.history]
+  seconds = {k: v.get("seconds") for k, v in (runs or {}).items()}
+  parts = [f"# Comparison: {title or root}", "", summary_table(found, seconds), ""]
+  if found and not all(r.is_lm for r in found):
+    metric = length_metric(found)
+    table = length_table(found, metric)
+    if table:
+      parts += [table, ""]
+    if plot_by_length(found, metric, os.path.join(root, "compare_by_length.png"),
+                      title=title):
+      parts += ["![by length](compare_by_length.png)", ""]
+  if plot_curves(found, "eval/loss", os.path.join(root, "compare_eval_loss.png"), title=title):
+    parts += ["![eval loss](compare_eval_loss.png)", ""]
+  missing = [n for n in (names or []) if n not in {r.label for r in found}]
+  if missing:
+    parts += [f"Not finished: {', '.join(missing)}.", ""]
+  commands = [f"    {v['command']}" for v in (runs or {}).values() if v.get("command")]
+  if commands:
+    parts += ["Commands:", ""] + commands + [""]
+  md = "\n".join(parts)
+  with open(os.path.join(root, "compare.md"), "w") as f:
+    f.write(md)
+  return md

@@ -93,6 +93,15 @@ def find_runs(root: str, names: Sequence[str] | None = None) -> list[Run]:
   return [Run(n, os.path.join(root, n)) for n in names]
 
 
+def wall_seconds(root: str) -> dict[str, float]:
+  """``{family: training wall seconds}`` from ``experiments.compare``'s ``compare.json``."""
+  path = os.path.join(root, "compare.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return {k: v.get("seconds") for k, v in json.load(f).items()}
+
+
 def fmt(v: float | None, digits: int = 3) -> str:
   if v is None or (isinstance(v, float) and math.isnan(v)):
     return "–"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -21,22 +22,27 @@ _DEFAULT = os.path.join(os.path.dirname(__file__), "configs", "default.py")
 FLAGS = flags.FLAGS
 
 
+def _override_error(e: Exception, argv: list[str]) -> NoReturn:
+  """Exits 2 with one line that names the bad ``--config.`` override."""
+  # ml_collections reports a bad override as a multi-line KeyError; name the flag.
+  detail = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
+  detail = " ".join(detail.strip("'\" ").split())
+  if "Did you mean" in detail:
+    detail = detail[detail.index("Did you mean"):]
+  bad = [a.split("=")[0] for a in argv if a.startswith("--config.")
+         and any(part and part in detail for part in a.split("=")[0].split(".")[1:])]
+  where = bad[-1] if bad else "--config"
+  print(f"error: {where}: no such config field or bad value ({detail})", file=sys.stderr)
+  sys.exit(2)
+
+
 def _define_flags(argv: list[str]) -> None:
   """Defines the flags; config overrides in ``argv`` are applied (and checked) here."""
   try:
     config_flags.DEFINE_config_file("config", _DEFAULT, "Experiment config file.",
                                     lock_config=True)
   except (KeyError, AttributeError, ValueError, TypeError, flags.Error) as e:
-    # ml_collections reports a bad override as a multi-line KeyError; name the flag.
-    detail = str(e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
-    detail = " ".join(detail.strip("'\" ").split())
-    if "Did you mean" in detail:
-      detail = detail[detail.index("Did you mean"):]
-    bad = [a.split("=")[0] for a in argv if a.startswith("--config.")
-           and any(part and part in detail for part in a.split("=")[0].split(".")[1:])]
-    where = bad[-1] if bad else "--config"
-    print(f"error: {where}: no such config field or bad value ({detail})", file=sys.stderr)
-    sys.exit(2)
+    _override_error(e, argv)
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
   flags.mark_flags_as_required(["workdir"])
 
@@ -93,6 +99,10 @@ def _parse(argv):
   except flags.Error as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     sys.exit(2)
+  except (KeyError, AttributeError) as e:
+    # With an explicit --config file, overrides are applied here: an unknown field
+    # is an AttributeError that absl does not wrap in flags.Error.
+    _override_error(e, argv)
 
 
 def run() -> None:

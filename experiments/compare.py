@@ -94,6 +94,25 @@ def _save_runs(workdir: str, runs: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
+def _saved_steps(workdir: str) -> int | None:
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return int(json.load(f)["num_train_steps"])
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def _wanted_steps(family: str, args: argparse.Namespace, extra: Sequence[str]) -> int:
+  """The step count this command asks for (a larger one continues a finished run)."""
+  for e in reversed(list(extra)):
+    if e.startswith("--config.num_train_steps="):
+      return int(e.split("=", 1)[1])
+  if args.steps:
+    return args.steps
+  return compare_config.get_config(
+      f"family={family},task={args.task},size={args.size}").num_train_steps
+
+
 def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[str]) -> int:
   """Trains the families in turn; returns how many failed."""
   from launch import manifest  # is_complete: the run's last eval is at num_train_steps
@@ -104,7 +123,7 @@ def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[s
   for i, family in enumerate(chosen, 1):
     wd = os.path.join(args.workdir, family)
     argv = family_command(family, args, wd, extra)
-    if manifest.is_complete(wd):
+    if manifest.is_complete(wd) and _saved_steps(wd) == _wanted_steps(family, args, extra):
       print(f"[{i}/{len(chosen)}] {family}: done already ({wd})", flush=True)
       continue
     os.makedirs(wd, exist_ok=True)

@@ -73,9 +73,11 @@ def fig2(roots: Sequence[str]) -> str:
     metric = cr.length_metric(runs)
     name = os.path.basename(os.path.normpath(root))
     png = os.path.join(root, "fig2.png")
-    cr.plot_by_length(runs, metric, png, title=f"Bahdanau Fig. 2 analogue: {name}")
+    drawn = cr.plot_by_length(runs, metric, png, title=f"Bahdanau Fig. 2 analogue: {name}")
     parts += [f"## {name}", "", cr.length_table(runs, metric), "",
-              cr.summary_table(runs, cr.wall_seconds(root)), "", f"![{name}]({png})", ""]
+              cr.summary_table(runs, cr.wall_seconds(root)), ""]
+    if drawn:   # linked relative to fig2.md, which is written into roots[0]
+      parts += [f"![{name}]({os.path.relpath(png, roots[0])})", ""]
   return _write(os.path.join(roots[0], "fig2.md"), "\n".join(parts))
 
 
@@ -144,6 +146,9 @@ def _read_pairs(data_dir: str, split: str, src: str, tgt: str, n: int, max_words
     raise FileNotFoundError(f"{data_dir}: no {split}.{lang}[.gz]; --data_dir must hold the"
                             " Multi30k files.")
   pairs = [(s, t) for s, t in zip(lines(src), lines(tgt)) if 8 <= len(s.split()) <= max_words]
+  if n < 1 or not pairs:
+    raise ValueError(f"--num {n}: need at least 1" if n < 1 else
+                     f"{data_dir}: no {split}.{src} sentence has 8-{max_words} words.")
   return pairs[:n]
 
 
@@ -186,7 +191,14 @@ def fig3(rnnsearch: str, transformer: str, data_dir: str, out: str, num: int = 3
     examples.append(evaluate.alignment_examples(model, params, batch_for(src_vocab, tgt_vocab),
                                                 src_vocab, tgt_vocab, num, per_head=True,
                                                 task="seq2seq"))
+  for flag, wd, ex in (("--rnnsearch", rnnsearch, examples[0]),
+                       ("--transformer", transformer, examples[1])):
+    if not ex or "cross" not in ex[0].matrices:
+      raise ValueError(f"{flag} {wd}: its model has no cross-attention to plot.")
   heads = sorted(k for k in examples[1][0].matrices if k.startswith("cross/head"))
+  if not heads:
+    raise ValueError(f"--transformer {transformer}: a {loaded[1][0].model.name} run has no"
+                     " per-head cross-attention; pass a Transformer run.")
   if head is None:
     peak = [np.mean([ex.matrices[k].max(axis=-1).mean() for ex in examples[1]]) for k in heads]
     chosen = heads[int(np.argmax(peak))]
@@ -211,7 +223,7 @@ def fig3(rnnsearch: str, transformer: str, data_dir: str, out: str, num: int = 3
   plt.close(fig)
   text = "\n".join([f"Bahdanau Fig. 3 analogue: {len(pairs)} {split} sentences "
                     f"({cfg.data.source_lang}->{cfg.data.target_lang}), teacher-forced on the"
-                    f" reference; Transformer {chosen}.", "", f"![fig3]({png})"])
+                    f" reference; Transformer {chosen}.", "", "![fig3](fig3.png)"])
   return _write(os.path.join(out, "fig3.md"), text)
 
 

@@ -85,7 +85,10 @@ def find_runs(root: str, names: Sequence[str] | None = None) -> list[Run]:
   if os.path.exists(sweep):
     with open(sweep) as f:
       trials = json.load(f)["trials"]
-    runs = [Run(name, rec["workdir"]) for name, rec in trials.items()]
+    # Trial k lives in root/<name>; the recorded path may be relative to wherever
+    # the sweep was launched, so fall back to that when it does not resolve.
+    runs = [Run(name, rec["workdir"] if os.path.isdir(rec["workdir"])
+                else os.path.join(root, name)) for name, rec in trials.items()]
     return [r for r in runs if names is None or r.label in names]
   if names is None:
     names = sorted(d for d in os.listdir(root) if any(

@@ -10,7 +10,11 @@ fields, so checkpoints move both ways. On top of flax's module it adds:
   only when asked, so fused/tiled backends stay fused otherwise;
 * a KV cache that takes a prefill of any length, then one or more tokens per
   call; each query attends the cache up to and including its own position;
-* ``is_causal`` as a call argument (no mask array).
+* ``is_causal`` as a call argument (no mask array);
+* fused projections: self-attention computes query/key/value with one matmul
+  and cross-attention key/value with one (the parameters stay three separate
+  ``DenseGeneral`` trees, concatenated at call time), unless a custom
+  ``qkv_dot_general`` is given.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import initializers
+from flax.linen.dtypes import promote_dtype
 from flax.linen.module import merge_param
 
 from attention.core import dot_product_attention, dot_product_attention_weights
@@ -30,6 +36,35 @@ from attention.masks import as_bool_mask
 from attention.positional import apply_rotary
 
 Array = jax.Array
+
+
+class _ProjectionParams(nn.Module):
+  """The ``kernel``/``bias`` of ``nn.DenseGeneral(features, axis=-1)``, created but not applied.
+
+  Mirrors flax's parameter creation exactly (initialisers called on the
+  flattened ``[in, prod(features)]`` shape, then reshaped), so a fused
+  projection has the parameters and initial values of separate layers.
+  """
+
+  features: tuple[int, ...]
+  kernel_init: Callable
+  bias_init: Callable
+  use_bias: bool
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[Array, Array | None]:
+    out = int(np.prod(self.features))
+    kernel = self.param(
+        "kernel", lambda rng, shape, dtype: jnp.reshape(
+            self.kernel_init(rng, (in_features, out), dtype), shape),
+        (in_features,) + tuple(self.features), self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param(
+          "bias", lambda rng, shape, dtype: jnp.reshape(self.bias_init(rng, (out,), dtype), shape),
+          tuple(self.features), self.param_dtype)
+    return kernel, bias
 
 
 class MultiHeadAttention(nn.Module):
@@ -162,15 +197,27 @@ class MultiHeadAttention(nn.Module):
       )
     head_dim = qkv_features // self.num_heads
 
-    dense = functools.partial(
-        nn.DenseGeneral, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=self.kernel_init, bias_init=self.bias_init,
-        use_bias=self.use_bias, precision=self.precision,
-        dot_general=self.qkv_dot_general, dot_general_cls=self.qkv_dot_general_cls,
-    )
-    query = dense(features=(self.num_heads, head_dim), name="query")(inputs_q)
-    key = dense(features=(kv_heads, head_dim), name="key")(inputs_k)
-    value = dense(features=(kv_heads, head_dim), name="value")(inputs_v)
+    q_feats, kv_feats = (self.num_heads, head_dim), (kv_heads, head_dim)
+    fuse = self.qkv_dot_general is None and self.qkv_dot_general_cls is None
+    if fuse and inputs_k is inputs_q and inputs_v is inputs_q:
+      # Self-attention: one [in, q + 2 kv] matmul instead of three (same params).
+      query, key, value = self._fused_projection(
+          inputs_q, (("query", q_feats), ("key", kv_feats), ("value", kv_feats)))
+    else:
+      dense = functools.partial(
+          nn.DenseGeneral, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=self.kernel_init, bias_init=self.bias_init,
+          use_bias=self.use_bias, precision=self.precision,
+          dot_general=self.qkv_dot_general, dot_general_cls=self.qkv_dot_general_cls,
+      )
+      query = dense(features=q_feats, name="query")(inputs_q)
+      if fuse and inputs_v is inputs_k:
+        # Cross-attention over one memory: keys and values in one matmul.
+        key, value = self._fused_projection(
+            inputs_k, (("key", kv_feats), ("value", kv_feats)))
+      else:
+        key = dense(features=kv_feats, name="key")(inputs_k)
+        value = dense(features=kv_feats, name="value")(inputs_v)
 
     if self.normalize_qk:
       ln = functools.partial(nn.LayerNorm, use_bias=False, dtype=self.dtype,
@@ -233,6 +280,33 @@ class MultiHeadAttention(nn.Module):
         precision=self.precision, dot_general=self.out_dot_general,
         dot_general_cls=self.out_dot_general_cls, name="out",
     )(x)
+
+  def _fused_projection(self, x: Array, heads: tuple[tuple[str, tuple[int, int]], ...]
+                        ) -> list[Array]:
+    """Projections of one input by several ``DenseGeneral``-shaped layers in one matmul.
+
+    ``heads`` lists ``(name, (num_heads, head_dim))``; each name owns the
+    parameters ``nn.DenseGeneral(features=(num_heads, head_dim), name=name)``
+    would create (same shapes, initialisers and RNG paths), so the parameter
+    tree and the initial values are unchanged. Their kernels are concatenated
+    along the output axis for a single ``dot_general``, then the result is
+    split back: fewer, larger matmuls, and the input is read once.
+    """
+    in_features = x.shape[-1]
+    params = [_ProjectionParams(features=feats, kernel_init=self.kernel_init,
+                                bias_init=self.bias_init, use_bias=self.use_bias,
+                                param_dtype=self.param_dtype, name=name)(in_features)
+              for name, feats in heads]
+    kernel = jnp.concatenate([k.reshape(in_features, -1) for k, _ in params], axis=-1)
+    bias = (jnp.concatenate([b.reshape(-1) for _, b in params]) if self.use_bias else None)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                            precision=self.precision)
+    if bias is not None:
+      y = y + bias
+    sizes = np.cumsum([h * d for _, (h, d) in heads])[:-1]
+    return [part.reshape(x.shape[:-1] + feats)
+            for part, (_, feats) in zip(jnp.split(y, sizes, axis=-1), heads)]
 
   def _update_cache(self, key: Array, value: Array, mask: Array | None):
     """Writes ``key``/``value`` at the cache index; returns the full cache and its mask.

@@ -97,31 +97,49 @@ def _batch(args, vocab: int) -> dict:
   return {"src": tok(args.src_len), "tgt_in": tgt[:, :-1], "tgt_out": tgt[:, 1:]}
 
 
-def time_model(model, batch: dict, steps: int) -> dict:
-  """Compiles and times the train step of ``model``; returns seconds and loss."""
-  from experiments import optim
-  from experiments.train import TrainState, make_train_step
-  cfg = step_config()
-  tx = optim.make_optimizer(cfg)
-  params = jax.jit(lambda r: model.init({"params": r}, batch["src"], batch["tgt_in"],
-                                        train=False)["params"])(jax.random.key(0))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.key_data(jax.random.key(1)))
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  step = jax.jit(make_train_step(model, tx, "seq2seq", cfg), donate_argnums=(0,))
-  lr = jnp.float32(cfg.learning_rate)
-  start = time.perf_counter()
-  state, metrics = step(state, batch, lr)
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  times = []
-  for _ in range(steps):
+class _Stepper:
+  """One model's compiled train step, timed one step at a time."""
+
+  def __init__(self, model, batch: dict):
+    from experiments import optim
+    from experiments.train import TrainState, make_train_step
+    cfg = step_config()
+    tx = optim.make_optimizer(cfg)
+    params = jax.jit(lambda r: model.init({"params": r}, batch["src"], batch["tgt_in"],
+                                          train=False)["params"])(jax.random.key(0))
+    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                            opt_state=tx.init(params), rng=jax.random.key_data(jax.random.key(1)))
+    self.params = sum(x.size for x in jax.tree.leaves(params))
+    self.step = jax.jit(make_train_step(model, tx, "seq2seq", cfg), donate_argnums=(0,))
+    self.batch, self.lr = batch, jnp.float32(cfg.learning_rate)
+    self.compile_s = self.timed()
+    self.times: list[float] = []
+
+  def timed(self) -> float:
     start = time.perf_counter()
-    state, metrics = step(state, batch, lr)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return {"median_s": float(np.median(times)), "min_s": float(np.min(times)),
-          "compile_s": compile_s, "loss": float(metrics["loss"]), "params": int(num_params)}
+    self.state, self.metrics = self.step(self.state, self.batch, self.lr)
+    jax.block_until_ready(self.metrics)
+    return time.perf_counter() - start
+
+  def result(self) -> dict:
+    return {"median_s": float(np.median(self.times)), "min_s": float(np.min(self.times)),
+            "compile_s": self.compile_s, "loss": float(self.metrics["loss"]),
+            "params": int(self.params)}
+
+
+def time_models(models: dict, batch: dict, steps: int) -> dict[str, dict]:
+  """Compiles every model's step, then times them interleaved, one step each in turn.
+
+  Interleaving (and alternating who goes first) exposes every model to the same
+  background load: timing one model's steps after the other's made the ratio
+  swing by ±30% on a busy machine.
+  """
+  steppers = {name: _Stepper(model, batch) for name, model in models.items()}
+  names = list(steppers)
+  for i in range(steps):
+    for name in (names if i % 2 == 0 else names[::-1]):
+      steppers[name].times.append(steppers[name].timed())
+  return {name: s.result() for name, s in steppers.items()}
 
 
 def main(argv=None):
@@ -166,8 +184,7 @@ def main(argv=None):
   batch = _batch(args, vocab)
   tokens = args.batch * (args.src_len + args.tgt_len)
   rows = []
-  for name, model in models.items():
-    r = time_model(model, batch, args.steps)
+  for name, r in time_models(models, batch, args.steps).items():
     t = r["median_s"]
     rows.append(dict(model=name, params=r["params"], ms_per_step=t * 1e3,
                      best_ms=r["min_s"] * 1e3, compile_s=r["compile_s"],

@@ -138,6 +138,7 @@ def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[s
       assert proc.stdout is not None
       for line in proc.stdout:
         out.write(line)
+        out.flush()   # so `tail -f train.log` follows the run
         if line.startswith(("step ", "eval @")):
           print(f"    {family}: {line.strip()[:150]}", flush=True)
       rc = proc.wait()

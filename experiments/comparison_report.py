@@ -165,55 +165,47 @@ def length_table(runs: Sequence[Run], metric: str, split: str = "test") -> str:
   return markdown(header, rows)
 
 
-def plot_by_length(runs: Sequence[Run], metric: str, path: str, split: str = "test",
-                   title: str = "") -> bool:
-  """Bahdanau Fig. 2 style: one line per run, metric against source length."""
+def _line_plot(series: Mapping[str, tuple[Sequence[Any], Sequence[float]]], path: str, *,
+               xlabel: str, ylabel: str, title: str) -> bool:
+  """One line per ``{label: (xs, ys)}``; writes ``path`` and returns True if any line."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6.4, 4.0))
-  drawn = False
-  for r in runs:
-    values = r.by_length(metric, split)
-    if values:
-      ax.plot(list(values), [v for v, _ in values.values()], marker="o", label=r.label)
-      drawn = True
-  if drawn:
-    ax.set_xlabel("source length (tokens)")
-    ax.set_ylabel(f"{split} {metric.replace('_', ' ')}")
+  series = {k: v for k, v in series.items() if len(v[0])}
+  if series:
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, (xs, ys) in series.items():
+      ax.plot(list(xs), list(ys), marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return drawn
+    plt.close(fig)
+  return bool(series)
+
+
+def plot_by_length(runs: Sequence[Run], metric: str, path: str, split: str = "test",
+                   title: str = "") -> bool:
+  """Bahdanau Fig. 2 style: one line per run, metric against source length."""
+  series = {}
+  for r in runs:
+    values = r.by_length(metric, split)
+    series[r.label] = (list(values), [v for v, _ in values.values()])
+  return _line_plot(series, path, xlabel="source length (tokens)",
+                    ylabel=f"{split} {metric.replace('_', ' ')}", title=title)
 
 
 def plot_curves(runs: Sequence[Run], key: str, path: str, title: str = "") -> bool:
   """``key`` (e.g. ``eval/loss``) against training step, one line per run."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6.4, 4.0))
-  drawn = False
+  series = {}
   for r in runs:
     pts = [(rec["step"], rec[key]) for rec in r.history if isinstance(rec.get(key), (int, float))]
-    if pts:
-      ax.plot(*zip(*pts), marker="o", label=r.label)
-      drawn = True
-  if drawn:
-    ax.set_xlabel("step")
-    ax.set_ylabel(key)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return drawn
+    series[r.label] = (tuple(p[0] for p in pts), tuple(p[1] for p in pts))
+  return _line_plot(series, path, xlabel="step", ylabel=key, title=title)
 
 
 def write(root: str, names: Sequence[str] | None = None, *, runs: Mapping[str, Any] | None = None,

@@ -34,6 +34,7 @@ from flax.linen.module import merge_param
 from attention.core import dot_product_attention, dot_product_attention_weights
 from attention.masks import as_bool_mask
 from attention.positional import apply_rotary
+from attention.projection import projection_dot_general
 
 Array = jax.Array
 
@@ -208,7 +209,8 @@ class MultiHeadAttention(nn.Module):
           nn.DenseGeneral, axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
           kernel_init=self.kernel_init, bias_init=self.bias_init,
           use_bias=self.use_bias, precision=self.precision,
-          dot_general=self.qkv_dot_general, dot_general_cls=self.qkv_dot_general_cls,
+          dot_general=self.qkv_dot_general or projection_dot_general,
+          dot_general_cls=self.qkv_dot_general_cls,
       )
       query = dense(features=q_feats, name="query")(inputs_q)
       if fuse and inputs_v is inputs_k:
@@ -277,7 +279,8 @@ class MultiHeadAttention(nn.Module):
         kernel_init=self.out_kernel_init or self.kernel_init,
         bias_init=self.out_bias_init or self.bias_init,
         use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-        precision=self.precision, dot_general=self.out_dot_general,
+        precision=self.precision,
+        dot_general=self.out_dot_general or projection_dot_general,
         dot_general_cls=self.out_dot_general_cls, name="out",
     )(x)
 
@@ -300,8 +303,8 @@ class MultiHeadAttention(nn.Module):
     kernel = jnp.concatenate([k.reshape(in_features, -1) for k, _ in params], axis=-1)
     bias = (jnp.concatenate([b.reshape(-1) for _, b in params]) if self.use_bias else None)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
-                            precision=self.precision)
+    y = projection_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                               precision=self.precision)
     if bias is not None:
       y = y + bias
     sizes = np.cumsum([h * d for _, (h, d) in heads])[:-1]

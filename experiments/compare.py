@@ -168,7 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"error: --workdir {args.workdir} does not exist; run without --report_only first.",
           file=sys.stderr)
     return 2
-  md = comparison_report.write(args.workdir, chosen, runs=_load_runs(args.workdir),
+  # Families run earlier into the same workdir stay in the report.
+  shown = [f for f in compare_config.families(args.task)
+           if f in chosen or os.path.isdir(os.path.join(args.workdir, f))]
+  md = comparison_report.write(args.workdir, shown, runs=_load_runs(args.workdir),
                                title=f"{args.task}, size {args.size}")
   print(md)
   print(f"wrote {os.path.join(args.workdir, 'compare.md')} and compare_*.png", flush=True)

@@ -425,3 +425,8 @@ def test_compare_end_to_end_skip_and_report_only(tmp_path, capsys):
   assert "done already" not in rebuilt.out and "training" not in rebuilt.out
   assert (w / "compare.md").read_text() == md
   assert (w / "compare_eval_loss.png").read_bytes()[:8] == PNG
+
+  # A later call for one family keeps the rows of the families run before it.
+  rc, one = _main(capsys, *_compare_argv(w, "--report_only", families="rnnsearch")[3:])
+  assert rc == 0, one.err[-3000:]
+  assert (w / "compare.md").read_text() == md

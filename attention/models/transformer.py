@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from attention.dropout import Dropout
 from attention.models.base import PAD
 from attention.multi_head import MultiHeadAttention
+from attention.projection import projection_dot_general
 from attention.positional import SinusoidalPositionalEncoding
 
 Array = jax.Array
@@ -133,7 +134,8 @@ class _Sublayers(nn.Module):
   def _mlp(self, x: Array) -> Array:
     cfg = self.config
     dense = functools.partial(nn.Dense, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                              kernel_init=cfg.kernel_init, bias_init=cfg.bias_init)
+                              kernel_init=cfg.kernel_init, bias_init=cfg.bias_init,
+                              dot_general=projection_dot_general)
     return dense(cfg.emb_dim, name="mlp_out")(nn.relu(dense(cfg.mlp_dim, name="mlp_in")(x)))
 
 
@@ -268,7 +270,7 @@ class Decoder(nn.Module):
     else:
       logits = nn.Dense(cfg.target_vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                         kernel_init=cfg.kernel_init, bias_init=cfg.bias_init,
-                        name="logits_dense")(x)
+                        dot_general=projection_dot_general, name="logits_dense")(x)
     weights = jnp.stack(all_weights, axis=1) if return_weights and memory is not None else None
     return logits.astype(jnp.float32), weights
 

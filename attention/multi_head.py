@@ -14,7 +14,11 @@ fields, so checkpoints move both ways. On top of flax's module it adds:
 * fused projections: self-attention computes query/key/value with one matmul
   and cross-attention key/value with one (the parameters stay three separate
   ``DenseGeneral`` trees, concatenated at call time), unless a custom
-  ``qkv_dot_general`` is given.
+  ``qkv_dot_general`` is given;
+* projections without a custom ``dot_general`` use
+  :func:`attention.projection.projection_dot_general`, whose weight gradient
+  runs on XLA:CPU's fast matmul path (same values; plain ``lax.dot_general``
+  on other backends).
 """
 
 from __future__ import annotations

@@ -1,0 +1,86 @@
+"""The benchmarks run end to end at toy sizes and report correct values (never timings)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import attention_core, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_attention_core_rows_errors_and_ratios(tmp_path, capsys):
+  out = tmp_path / "core.json"
+  attention_core.main(["--lengths", "32", "--batch", "2", "--heads", "2", "--head_dim", "8",
+                       "--repeats", "1", "--masks", "is_causal", "padding", "--out", str(out)])
+  rows = json.loads(out.read_text())["speed"]
+  impls = {"flax", "jax.nn", "ours(auto)", "ours(xla)", "ours(chunked)"}
+  for kind in ("is_causal", "padding"):
+    got = {r["impl"]: r for r in rows if r["mask"] == kind}
+    assert set(got) == impls
+    for r in got.values():
+      # Padded query rows are excluded, so flax's mean-of-values fill is no error.
+      assert r["max_err"] < 1e-5, (kind, r)
+      assert r["fwd_ms"] > 0 and r["speedup_fwd"] > 0
+    assert got["flax"]["speedup_fwd"] == 1.0 and got["flax"]["speedup_fwd_bwd"] == 1.0
+    flops = 4 * 2 * 2 * 32 * 32 * 8 // (1 if kind == "padding" else 2)
+    r = got["ours(xla)"]
+    assert r["fwd_gflops"] == pytest.approx(flops / (r["fwd_ms"] / 1e3) / 1e9)
+
+
+def test_reference_block_marks_fully_masked_rows():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((1, 4, 1, 3)) for _ in range(3))
+  valid = np.array([[True, True, False, False]])
+  mask = (valid[:, None, :, None] & valid[:, None, None, :])
+  out, rows = attention_core._reference_row_block(q, k, v, mask)
+  np.testing.assert_array_equal(rows, [True, True, False, False])
+  s = q[0, :2, 0] @ k[0, :2, 0].T / np.sqrt(3)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  np.testing.assert_allclose(out[:2], (p / p.sum(-1, keepdims=True)) @ v[0, :2, 0], rtol=1e-12)
+  np.testing.assert_array_equal(out[2:], 0.0)
+
+
+def test_model_flops_closed_form():
+  # d = q = 2, m = 3, V = 5, one layer each, B = 1, S = 2, T = 3.
+  n_enc = 4 * 2 * 2 + 2 * 2 * 3
+  n_dec = 6 * 2 * 2 + 2 * 2 * 3 + 2 * 5
+  n_kv = 2 * 2 * 2
+  dense = 6 * (n_enc * 2 + n_dec * 3 + n_kv * 2)
+  attn = 12 * 2 * (2 * 2 + 3 * 3 + 3 * 2)
+  assert train_step.model_flops(2, 2, 3, 5, 1, 1, 1, 2, 3) == dense + attn
+
+
+def test_train_step_peer_and_ours_same_size(tmp_path):
+  out = tmp_path / "step.json"
+  train_step.main(["--size", "tiny", "--batch", "4", "--src_len", "8", "--tgt_len", "8",
+                   "--steps", "2", "--matmul_n", "128", "--out", str(out)])
+  result = json.loads(out.read_text())
+  flax_row, ours_row = result["rows"]
+  assert (flax_row["model"], ours_row["model"]) == ("flax", "ours")
+  assert flax_row["params"] == ours_row["params"] > 0
+  for r in (flax_row, ours_row):
+    assert np.isfinite(r["loss_after"]) and 0 < r["mfu"]
+    assert r["tokens_per_s"] == pytest.approx(4 * 16 / (r["ms_per_step"] / 1e3))
+  assert ours_row["speed_ratio_vs_flax"] == pytest.approx(
+      flax_row["ms_per_step"] / ours_row["ms_per_step"])
+
+
+def test_scaling_loss_equal_on_one_and_two_devices(tmp_path):
+  out = tmp_path / "scaling.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--devices", "1", "2",
+                        "--steps", "3", "--batch", "8", "--timeout", "240", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert result["pass"] and [r["devices"] for r in result["rows"]] == [1, 2]
+  assert result["max_rel_diff"] < 1e-4
+  assert len(result["rows"][1]["losses"]) == 3

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
+from attention.projection import projection_dot_general
 from attention.models.base import PAD
 
 __all__ = ["LSTMLanguageModel", "LSTMCarry"]
@@ -101,7 +102,7 @@ class LSTMLanguageModel(nn.Module):
     self.cells = [nn.OptimizedLSTMCell(self.hidden_dim, **kw)
                   for _ in range(self.num_layers)]
     self.dropout = nn.Dropout(self.dropout_rate)
-    self.output = nn.Dense(self.vocab_size, **kw)
+    self.output = nn.Dense(self.vocab_size, dot_general=projection_dot_general, **kw)
 
   def init_decode_state(self, batch_size: int, max_len: Optional[int] = None
                         ) -> tuple[LSTMCarry, ...]:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
+from attention.projection import projection_dot_general
 from attention.lstmn import (DeepFusionLSTMNCell, EncoderTape, FusionCarry, LSTMN,
                              LSTMNCarry, LSTMNCell, ShallowFusionLSTMNCell)
 from attention.models.base import PAD
@@ -97,7 +98,7 @@ class LSTMNLanguageModel(nn.Module):
     self.cells = [LSTMNCell(self.hidden_dim, attention_dim=self.attention_dim, **kw)
                   for _ in range(self.num_layers)]
     self.dropout = nn.Dropout(self.dropout_rate)
-    self.output = nn.Dense(self.vocab_size, **kw)
+    self.output = nn.Dense(self.vocab_size, dot_general=projection_dot_general, **kw)
 
   def init_decode_state(self, batch_size: int, max_len: Optional[int] = None
                         ) -> tuple[LSTMNCarry, ...]:
@@ -222,7 +223,7 @@ class LSTMNSeq2Seq(nn.Module):
     self.decoder = [_FUSION_CELLS[self.fusion](self.hidden_dim, **cell_kw)
                     for _ in range(self.num_layers)]
     self.dropout = nn.Dropout(self.dropout_rate)
-    self.output = nn.Dense(self.output_vocab_size, **kw)
+    self.output = nn.Dense(self.output_vocab_size, dot_general=projection_dot_general, **kw)
 
   def encode(self, src: Array, *, train: bool = False) -> dict[str, Any]:
     """Encodes ``src [B, S]`` int32 (``PAD`` skipped).

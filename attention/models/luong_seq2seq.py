@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
+from attention.projection import projection_dot_general
 from attention.luong import LuongAttention
 from attention.models.recurrent import (
     RNNEncoder,
@@ -60,7 +61,8 @@ class _LuongStep(nn.Module):
         hidden_dim=self.attention_dim, **kw)
     # The paper's W_c and W_s have no bias terms.
     self.combine = nn.Dense(self.hidden_dim, use_bias=False, **kw)
-    self.output = nn.Dense(self.output_vocab_size, use_bias=False, **kw)
+    self.output = nn.Dense(self.output_vocab_size, use_bias=False,
+                           dot_general=projection_dot_general, **kw)
     self.dropout = nn.Dropout(self.dropout_rate)
 
   def __call__(self, state: dict[str, Any], y_emb: Array, memory: dict[str, Any], *,

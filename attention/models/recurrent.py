@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
+from attention.projection import projection_dot_general
 from attention.models.base import PAD_ID
 
 __all__ = [
@@ -173,7 +174,7 @@ class DeepOutput(nn.Module):
       readout = jnp.tanh(pre)
     readout = nn.Dropout(self.dropout_rate)(readout, deterministic=not train)
     logits = nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="logits")(readout)
+                      dot_general=projection_dot_general, name="logits")(readout)
     return logits.astype(jnp.float32)
 
 

@@ -1,7 +1,7 @@
 """Evaluation: teacher-forced metrics, decoding with BLEU by source length, alignments.
 
 * Pure, jit-compatible metrics: :func:`cross_entropy_loss` (also the
-  training loss) and :func:`compute_metrics`, which returns *sums* so that
+  training loss; from :mod:`experiments.loss`) and :func:`compute_metrics`, which returns *sums* so that
   batches, devices and hosts combine by addition; :func:`summarize` turns
   totals into means. :func:`eval_step` / :func:`evaluate` apply them to
   seq2seq (``src``/``tgt_in``/``tgt_out``) or LM (``inputs``/``targets``) batches.
@@ -34,6 +34,7 @@ import sacrebleu
 
 from attention import decoding
 from attention.models.base import BOS, EOS, PAD
+from experiments.loss import cross_entropy_loss
 
 Array = jax.Array
 PyTree = Any
@@ -62,38 +63,6 @@ def _variables(params: PyTree) -> PyTree:
 # --------------------------------------------------------------------------
 # Teacher-forced metrics (pure, jit-compatible).
 # --------------------------------------------------------------------------
-def cross_entropy_loss(logits: Array, targets: Array, weights: Array | None = None,
-                       label_smoothing: float = 0.0) -> tuple[Array, Array]:
-  """Weighted, optionally label-smoothed cross-entropy (training and eval).
-
-  With smoothing ``e`` the target distribution puts ``1 - e`` on the true
-  token and ``e / (V - 1)`` on each other one; its entropy is subtracted
-  (as in flax's WMT example), so predicting exactly that distribution costs
-  0 and values stay comparable across ``e``.
-
-  Args:
-    logits: ``[B, T, V]`` unnormalised scores (computed in float32).
-    targets: ``[B, T]`` int target ids.
-    weights: ``[B, T]`` per-token weights (0 on padding); None: ``targets != PAD``.
-    label_smoothing: ``e`` in ``[0, 1)``, a Python float.
-
-  Returns:
-    ``(loss_sum, weight_sum)``, float32 scalars; the mean loss is their ratio.
-  """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  weights = (targets != PAD if weights is None else weights).astype(jnp.float32)
-  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  loss = nll
-  if label_smoothing:
-    vocab = logits.shape[-1]
-    confidence, low = 1.0 - label_smoothing, label_smoothing / (vocab - 1)
-    # No [B, T, V] one-hot: the off-target mass sees all log-probs but the true one.
-    off_target = -jnp.sum(logp, axis=-1) - nll
-    entropy = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20))
-    loss = confidence * nll + low * off_target - entropy
-  return jnp.sum(loss * weights), jnp.sum(weights)
-
-
 def compute_metrics(logits: Array, targets: Array, weights: Array | None = None,
                     label_smoothing: float = 0.0, row_mask: Array | None = None
                     ) -> dict[str, Array]:

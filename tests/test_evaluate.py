@@ -70,6 +70,30 @@ def test_cross_entropy_matches_float64_reference(eps):
   assert float(total) == ref_total
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_cross_entropy_gradient_matches_float64_closed_form(eps):
+  # d loss / d logits = w * (softmax(z) - q), q the smoothed target distribution.
+  rng = np.random.default_rng(2)
+  v = 9
+  logits = rng.normal(size=(2, 4, v)) * 3
+  targets = rng.integers(0, v, size=(2, 4))
+  weights = (rng.random((2, 4)) > 0.3).astype(np.float32)
+  grad = jax.jit(jax.grad(lambda z: evaluate.cross_entropy_loss(
+      z, jnp.asarray(targets), jnp.asarray(weights), eps)[0]))(jnp.asarray(logits, jnp.float32))
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  q = np.full(logits.shape, eps / (v - 1))
+  np.put_along_axis(q, targets[..., None], 1.0 - eps, axis=-1)
+  np.testing.assert_allclose(grad, weights[..., None] * (p - q), atol=2e-6)
+  # The same as autodiff through the textbook formula.
+  def textbook(z):
+    logp = jax.nn.log_softmax(z)
+    soft = jnp.asarray(q, jnp.float32)
+    return jnp.sum(-jnp.sum(soft * logp, -1) * weights)
+  np.testing.assert_allclose(grad, jax.grad(textbook)(jnp.asarray(logits, jnp.float32)),
+                             atol=2e-6)
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_perfect_prediction_has_zero_loss(eps):
   v, targets = 6, np.array([[2, 4, 5, 0]])

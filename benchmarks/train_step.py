@@ -10,6 +10,7 @@ the ratio ours/peer (> 1: ours is faster) and the model-FLOPs utilisation.
     python -m benchmarks.train_step                              # multi30k dims, batch 64
     python -m benchmarks.train_step --size base --batch 32 --dtype bf16
     python -m benchmarks.train_step --size multi30k --batch 16 --steps 3   # smoke test
+    python -m benchmarks.train_step --profile 8     # also each model's 8 costliest XLA ops
 
 Tokens: ``tok/s`` counts source plus target tokens, ``B·(S + T)`` per step
 (the batch has no padding); ``tgt tok/s`` counts ``B·T``, the trainer's measure.
@@ -127,19 +128,60 @@ class _Stepper:
             "params": int(self.params)}
 
 
-def time_models(models: dict, batch: dict, steps: int) -> dict[str, dict]:
+def profile_ops(stepper: "_Stepper", top: int, steps: int = 3
+                ) -> list[tuple[str, float, str]]:
+  """The ``top`` XLA ops by time per step, from a ``jax.profiler`` trace of ``steps`` steps.
+
+  Returns ``(hlo op, ms per step, the JAX operation it came from)``, the last read
+  from the compiled HLO's metadata; the trace is read back with
+  ``jax.profiler.ProfileData``.
+  """
+  import collections
+  import glob
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d)
+    for _ in range(steps):
+      stepper.timed()
+    jax.profiler.stop_trace()
+    path = sorted(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True))[-1]
+    data = jax.profiler.ProfileData.from_file(path)
+  total = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      if line.name == "python" or "PjRt" in line.name:
+        continue
+      for event in line.events:
+        if not event.name.startswith("ThunkExecutor"):
+          total[event.name] += event.duration_ns
+  import re
+  hlo = stepper.step.lower(stepper.state, stepper.batch, stepper.lr).compile().as_text()
+  source = dict(re.findall(r'%([\w.-]+) = .*?metadata=\{op_name="([^"]+)"', hlo))
+  return [(name, ns / steps / 1e6, source.get(name, ""))
+          for name, ns in total.most_common(top)]
+
+
+def time_models(models: dict, batch: dict, steps: int, profile: int = 0) -> dict[str, dict]:
   """Compiles every model's step, then times them interleaved, one step each in turn.
 
   Interleaving (and alternating who goes first) exposes every model to the same
   background load: timing one model's steps after the other's made the ratio
-  swing by ±30% on a busy machine.
+  swing by ±30% on a busy machine. ``profile > 0`` then traces a few more steps
+  of each model and adds its ``top_ops`` (see :func:`profile_ops`).
   """
   steppers = {name: _Stepper(model, batch) for name, model in models.items()}
   names = list(steppers)
   for i in range(steps):
     for name in (names if i % 2 == 0 else names[::-1]):
       steppers[name].times.append(steppers[name].timed())
-  return {name: s.result() for name, s in steppers.items()}
+  results = {name: s.result() for name, s in steppers.items()}
+  if profile:
+    for name, s in steppers.items():
+      results[name]["top_ops"] = ops = profile_ops(s, profile)
+      print(f"\n{name}: top {profile} XLA ops, ms per step")
+      for op, ms, where in ops:
+        print(f"  {ms:8.1f}  {op:28s} {where[-90:]}")
+  return results
 
 
 def main(argv=None):
@@ -157,6 +199,8 @@ def main(argv=None):
   p.add_argument("--share_embeddings", action="store_true")
   p.add_argument("--logits_via_embedding", action="store_true")
   p.add_argument("--matmul_n", type=int, default=8192 if gpu else 2048)
+  p.add_argument("--profile", type=int, default=0, metavar="N",
+                 help="after timing, print each model's N most expensive XLA ops")
   p.add_argument("--out", default=None, help="default: benchmarks/out/train_step_<size>.json")
   args = p.parse_args(argv)
 
@@ -184,13 +228,14 @@ def main(argv=None):
   batch = _batch(args, vocab)
   tokens = args.batch * (args.src_len + args.tgt_len)
   rows = []
-  for name, r in time_models(models, batch, args.steps).items():
+  results = time_models(models, batch, args.steps, args.profile)
+  for name, r in results.items():
     t = r["median_s"]
     rows.append(dict(model=name, params=r["params"], ms_per_step=t * 1e3,
                      best_ms=r["min_s"] * 1e3, compile_s=r["compile_s"],
                      tokens_per_s=tokens / t, tgt_tokens_per_s=args.batch * args.tgt_len / t,
                      model_tflops_per_step=flops / 1e12, achieved_gflops=flops / t / 1e9,
-                     mfu=flops / t / peak, loss_after=r["loss"]))
+                     mfu=flops / t / peak, loss_after=r["loss"], top_ops=r.get("top_ops")))
   base = rows[0]["ms_per_step"]
   for row in rows:
     row["speed_ratio_vs_flax"] = base / row["ms_per_step"]

@@ -61,7 +61,7 @@ def test_model_flops_closed_form():
 def test_train_step_peer_and_ours_same_size(tmp_path):
   out = tmp_path / "step.json"
   train_step.main(["--size", "tiny", "--batch", "4", "--src_len", "8", "--tgt_len", "8",
-                   "--steps", "2", "--matmul_n", "128", "--out", str(out)])
+                   "--steps", "2", "--matmul_n", "128", "--profile", "3", "--out", str(out)])
   result = json.loads(out.read_text())
   flax_row, ours_row = result["rows"]
   assert (flax_row["model"], ours_row["model"]) == ("flax", "ours")
@@ -69,6 +69,9 @@ def test_train_step_peer_and_ours_same_size(tmp_path):
   for r in (flax_row, ours_row):
     assert np.isfinite(r["loss_after"]) and 0 < r["mfu"]
     assert r["tokens_per_s"] == pytest.approx(4 * 16 / (r["ms_per_step"] / 1e3))
+  for r in (flax_row, ours_row):
+    assert len(r["top_ops"]) == 3 and all(ms > 0 for _, ms, _ in r["top_ops"])
+    assert any("train_step" in where for _, _, where in r["top_ops"])
   assert ours_row["speed_ratio_vs_flax"] == pytest.approx(
       flax_row["ms_per_step"] / ours_row["ms_per_step"])
 

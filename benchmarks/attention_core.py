@@ -106,7 +106,7 @@ def run_speed(args):
     for kind in args.masks:
       mask = _mask(kind, args.batch, t)
       ref, rows_ok = _reference_row_block(q.astype(jnp.float32), k.astype(jnp.float32),
-                                 v.astype(jnp.float32), mask)
+                                          v.astype(jnp.float32), mask)
       flops = 4 * args.batch * args.heads * t * t * args.head_dim
       if kind in ("causal_mask", "is_causal"):
         flops //= 2

@@ -38,8 +38,12 @@ on CPU, 8192 on GPU), so MFU is relative to what this machine's matmul reaches.
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import json
 import os
+import re
+import tempfile
 import time
 
 import jax
@@ -136,9 +140,6 @@ def profile_ops(stepper: "_Stepper", top: int, steps: int = 3
   from the compiled HLO's metadata; the trace is read back with
   ``jax.profiler.ProfileData``.
   """
-  import collections
-  import glob
-  import tempfile
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
     for _ in range(steps):
@@ -154,7 +155,6 @@ def profile_ops(stepper: "_Stepper", top: int, steps: int = 3
       for event in line.events:
         if not event.name.startswith("ThunkExecutor"):
           total[event.name] += event.duration_ns
-  import re
   hlo = stepper.step.lower(stepper.state, stepper.batch, stepper.lr).compile().as_text()
   source = dict(re.findall(r'%([\w.-]+) = .*?metadata=\{op_name="([^"]+)"', hlo))
   return [(name, ns / steps / 1e6, source.get(name, ""))

@@ -1,9 +1,9 @@
 """Evaluation: teacher-forced metrics, decoding with BLEU by source length, alignments.
 
-* Pure, jit-compatible metrics: :func:`cross_entropy_loss` (also the
-  training loss; from :mod:`experiments.loss`) and :func:`compute_metrics`, which returns *sums* so that
-  batches, devices and hosts combine by addition; :func:`summarize` turns
-  totals into means. :func:`eval_step` / :func:`evaluate` apply them to
+* Pure, jit-compatible metrics: :func:`cross_entropy_loss` (the training
+  loss too; defined in :mod:`experiments.loss`) and :func:`compute_metrics`,
+  which returns *sums* so that batches, devices and hosts combine by addition;
+  :func:`summarize` turns totals into means. :func:`eval_step` / :func:`evaluate` apply them to
   seq2seq (``src``/``tgt_in``/``tgt_out``) or LM (``inputs``/``targets``) batches.
 * :func:`decode_and_score`: greedy or beam search (:func:`attention.decoding.decode`)
   for any model of the :mod:`attention.models.base` protocol, scored with

@@ -36,7 +36,7 @@ def _smoothing(label_smoothing: float, vocab: int) -> tuple[float, float, float]
 def _token_loss_and_lse(logits: Array, targets: Array, label_smoothing: float):
   z = logits.astype(jnp.float32)
   vocab = z.shape[-1]
-  m = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  m = jnp.max(z, axis=-1, keepdims=True)
   lse = (m + jnp.log(jnp.sum(jnp.exp(z - m), axis=-1, keepdims=True)))[..., 0]
   z_true = jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   nll = lse - z_true

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
-from attention.projection import projection_dot_general
 from attention.models.base import PAD
+from attention.projection import projection_dot_general
 
 __all__ = ["LSTMLanguageModel", "LSTMCarry"]
 

@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
-from attention.projection import projection_dot_general
 from attention.lstmn import (DeepFusionLSTMNCell, EncoderTape, FusionCarry, LSTMN,
                              LSTMNCarry, LSTMNCell, ShallowFusionLSTMNCell)
 from attention.models.base import PAD
+from attention.projection import projection_dot_general
 
 __all__ = ["LSTMNLanguageModel", "LSTMNSeq2Seq"]
 

@@ -24,7 +24,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
-from attention.projection import projection_dot_general
 from attention.luong import LuongAttention
 from attention.models.recurrent import (
     RNNEncoder,
@@ -34,6 +33,7 @@ from attention.models.recurrent import (
     source_lengths,
     source_mask,
 )
+from attention.projection import projection_dot_general
 
 __all__ = ["LuongSeq2Seq"]
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
-from attention.projection import projection_dot_general
 from attention.models.base import PAD_ID
+from attention.projection import projection_dot_general
 
 __all__ = [
     "source_mask",

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from attention.dropout import Dropout
 from attention.models.base import PAD
 from attention.multi_head import MultiHeadAttention
-from attention.projection import projection_dot_general
 from attention.positional import SinusoidalPositionalEncoding
+from attention.projection import projection_dot_general
 
 Array = jax.Array
 

@@ -141,6 +141,10 @@ def test_compare_config_small_is_shared_and_sized():
   assert (t.emb_dim, t.qkv_dim, t.num_layers, t.dropout_rate) == (128, 128, 2, 0.0)
   assert cc.get_config("family=transformer,task=multi30k").model.dropout_rate == 0.1
   assert cc.get_config("family=transformer,task=text").model.dropout_rate == 0.1
+  # The LSTM families' tuned rate applies to Multi30k only (reverse_long keeps 1e-3).
+  lr = lambda f, task: cc.get_config(f"family={f},task={task}").learning_rate
+  assert lr("luong", "multi30k") == lr("lstmn", "multi30k") == 3e-3
+  assert lr("rnnsearch", "multi30k") == lr("luong", "reverse_long") == 1e-3
   assert cc.get_config().model.name == "transformer"   # defaults: transformer, reverse_long
 
 

@@ -143,6 +143,8 @@ def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[s
           print(f"    {family}: {line.strip()[:150]}", flush=True)
       rc = proc.wait()
     seconds = time.perf_counter() - start
+    # Re-read: another compare may have finished a family into this workdir meanwhile.
+    runs = _load_runs(args.workdir)
     rec = runs.get(family, {"seconds": 0.0})
     # Resumed runs add up, so the table reports the total training wall time.
     shown = ["python", *argv[1:3], "--config", os.path.relpath(argv[4]), *argv[5:]]

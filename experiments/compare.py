@@ -118,7 +118,6 @@ def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[s
   from launch import manifest  # is_complete: the run's last eval is at num_train_steps
 
   os.makedirs(args.workdir, exist_ok=True)
-  runs = _load_runs(args.workdir)
   failed = 0
   for i, family in enumerate(chosen, 1):
     wd = os.path.join(args.workdir, family)

@@ -20,9 +20,13 @@ def as_bool_mask(mask: Array | None) -> Array | None:
   return mask != 0
 
 
-def causal_mask(q_len: int, kv_len: int) -> Array:
-  """``[q_len, kv_len]`` boolean, query i attends keys j <= i (top-left aligned, as jax.nn)."""
-  q = jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
+def causal_mask(q_len: int, kv_len: int, q_offset: int = 0) -> Array:
+  """``[q_len, kv_len]`` boolean, query i attends keys j <= i (top-left aligned, as jax.nn).
+
+  ``q_offset`` shifts the query positions: row i is query ``q_offset + i``, for
+  a block of rows cut out of a longer causal pattern.
+  """
+  q = q_offset + jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 0)
   k = jax.lax.broadcasted_iota(jnp.int32, (q_len, kv_len), 1)
   return k <= q
 

@@ -13,6 +13,9 @@ backward counts 3.5× that (the backward pass does five matmuls of the same size
 Max error: against float64 numpy on example 0, head 0, over the query rows that
 attend at least one key (padded queries have no softmax; flax fills them with the
 mean of the values, ours with zeros).
+Timing: median over ``--repeats`` rounds, each round calling every
+implementation once in turn, so load changes on a shared machine shift all of
+them together rather than whichever happened to run at the time.
 """
 
 from __future__ import annotations
@@ -67,14 +70,19 @@ def _mask(kind, b, t):
   return None
 
 
-def _time(fn, args, repeats):
-  jax.block_until_ready(fn(*args))
-  times = []
+def _time_interleaved(fns, args, repeats):
+  """Median seconds per call of each function, timed round-robin.
+
+  One call of every function per round, so slow drifts in machine load (a
+  shared CPU) hit all implementations alike and the ratios stay meaningful.
+  """
+  times = {name: [] for name in fns}
   for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _reference_row_block(q, k, v, mask):
@@ -110,22 +118,27 @@ def run_speed(args):
       flops = 4 * args.batch * args.heads * t * t * args.head_dim
       if kind in ("causal_mask", "is_causal"):
         flops //= 2
-      base = {}
+      compiled, errors = {}, {}
       for name, fn in impls.items():
         fwd = jax.jit(lambda q, k, v, m, fn=fn: fn(q, k, v, m, kind))
         grad = jax.jit(jax.grad(lambda q, k, v, m, fn=fn: jnp.sum(
             fn(q, k, v, m, kind).astype(jnp.float32)), argnums=(0, 1, 2)))
         try:
           out = fwd(q, k, v, mask)
-          diff = np.abs(np.asarray(out[0, :, 0], np.float64) - ref)
-          err = float(np.max(diff[rows_ok]))
-          t_f = _time(fwd, (q, k, v, mask), args.repeats)
-          t_b = _time(grad, (q, k, v, mask), args.repeats)
+          jax.block_until_ready(grad(q, k, v, mask))
         except Exception as e:  # e.g. cuDNN rejecting a shape: report, keep going
           print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0]}")
           continue
-        if name == "flax":
-          base = {"fwd": t_f, "fwd_bwd": t_b}
+        diff = np.abs(np.asarray(out[0, :, 0], np.float64) - ref)
+        errors[name] = float(np.max(diff[rows_ok]))
+        compiled[name] = (fwd, grad)
+      t_fwd = _time_interleaved({n: f for n, (f, _) in compiled.items()},
+                                (q, k, v, mask), args.repeats)
+      t_grad = _time_interleaved({n: g for n, (_, g) in compiled.items()},
+                                 (q, k, v, mask), args.repeats)
+      base = {"fwd": t_fwd["flax"], "fwd_bwd": t_grad["flax"]} if "flax" in compiled else {}
+      for name in compiled:
+        t_f, t_b, err = t_fwd[name], t_grad[name], errors[name]
         row = dict(T=t, mask=kind, impl=name, fwd_ms=t_f * 1e3, fwd_bwd_ms=t_b * 1e3,
                    fwd_gflops=flops / t_f / 1e9, fwd_bwd_gflops=3.5 * flops / t_b / 1e9,
                    max_err=err,

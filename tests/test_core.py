@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from attention import dot_product_attention, dot_product_attention_weights
+from attention import core
 from attention.core import default_implementation
 from tests import reference
 
@@ -219,3 +220,62 @@ def test_under_vmap_jit_and_grad(impl):
   np.testing.assert_allclose(np.asarray(f(q, k, v)), ref, atol=2e-5)
   g = jax.grad(lambda q: jnp.sum(f(q, k, v)))(q)
   assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_causal_row_blocks_cover_the_causal_pattern(monkeypatch):
+  monkeypatch.setattr(core, "_CAUSAL_ROW_BLOCK", 4)
+  assert core.causal_row_blocks(10, 10) == [(0, 4, 4), (4, 8, 8), (8, 10, 10)]
+  assert core.causal_row_blocks(9, 6) == [(0, 4, 4), (4, 8, 6), (8, 9, 6)]
+  assert core.causal_row_blocks(8, 30) == [(0, 4, 4), (4, 8, 8)]
+  assert core.causal_row_blocks(7, 7) == [(0, 7, 7)]  # under two blocks: one product
+  assert len(core.causal_row_blocks(100, 100)) == 8  # capped: 13-row blocks
+  monkeypatch.undo()
+  if jax.default_backend() == "cpu":
+    assert len(core.causal_row_blocks(256, 256)) == 4
+    assert len(core.causal_row_blocks(4096, 4096)) == 8
+  else:
+    assert core.causal_row_blocks(256, 256) == [(0, 256, 256)]
+
+
+@pytest.mark.parametrize("t,s", [(10, 10), (10, 13), (13, 10)])
+def test_causal_row_blocks_match_float64_reference(monkeypatch, t, s):
+  """The "xla" backend's causal row blocks (block 4 here) against float64 numpy:
+  outputs with a mask, a bias and GQA, and gradients with key padding."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("row blocks are a CPU path")
+  monkeypatch.setattr(core, "_CAUSAL_ROW_BLOCK", 4)
+  assert len(core.causal_row_blocks(t, s)) > 1
+  rng = np.random.default_rng(11)
+  b, h, kvh, d = 2, 4, 2, 8
+  q, k, v = rand(rng, b, t, h, d), rand(rng, b, s, kvh, d), rand(rng, b, s, kvh, d)
+  mask = rng.random((b, 1, t, s)) > 0.3
+  bias = rand(rng, 1, h, t, s)
+  out = dot_product_attention(q, k, v, mask=jnp.asarray(mask), bias=jnp.asarray(bias),
+                              is_causal=True, implementation="xla")
+  ref, _ = reference.attention_forward(q, k, v, mask, bias, causal=True)
+  np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-5)
+
+  k, v = k.repeat(2, axis=2), v.repeat(2, axis=2)
+  dout = rand(rng, b, t, h, d)
+  pad = rng.random((b, 1, 1, s)) > 0.2
+  pad[:, :, :, 0] = True
+  grads = jax.grad(lambda q, k, v: jnp.sum(dot_product_attention(
+      q, k, v, mask=jnp.asarray(pad), is_causal=True, implementation="xla") * dout),
+      argnums=(0, 1, 2))(q, k, v)
+  for g, r in zip(grads, reference.attention_backward(q, k, v, dout, pad, causal=True)):
+    np.testing.assert_allclose(np.asarray(g), r, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_causal_row_blocks_keep_the_dropout_pattern(monkeypatch, broadcast):
+  rng = np.random.default_rng(12)
+  q, k, v = (rand(rng, 2, 11, 2, 4) for _ in range(3))
+  kw = dict(is_causal=True, dropout_rate=0.4, dropout_rng=jax.random.key(5),
+            broadcast_dropout=broadcast, implementation="xla")
+  whole = dot_product_attention(q, k, v, **kw)
+  monkeypatch.setattr(core, "_CAUSAL_ROW_BLOCK", 3)
+  if jax.default_backend() == "cpu":
+    assert len(core.causal_row_blocks(11, 11)) == 4
+  np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, **kw)), np.asarray(whole),
+                             atol=1e-6)
+  assert not np.allclose(whole, dot_product_attention(q, k, v, is_causal=True, implementation="xla"))

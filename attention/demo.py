@@ -40,7 +40,7 @@ def scaled_dot_product(rng) -> None:
   print(f"  flax.linen.dot_product_attention      : {_timed(flax_fn, q, k, v):6.1f} ms")
   diff = float(jnp.max(jnp.abs(outs["xla"] - outs["chunked"])))
   print(f"  xla vs chunked max |diff| = {diff:.1e}; auto picks "
-        f"{attention.default_implementation(q, k)!r} on {jax.default_backend()}")
+        f"{attention.default_implementation(q, k, is_causal=True)!r} on {jax.default_backend()}")
 
 
 def multi_head(rng) -> None:

@@ -198,6 +198,14 @@ def test_auto_picks_by_platform_and_size():
   assert default_implementation(big, big, dropout=True) == "xla"
   if jax.default_backend() == "cpu":
     assert default_implementation(big, big) == "chunked"
+    # causal without a mask array: row-blocked "xla" while its logits fit
+    # _XLA_CAUSAL_MAX_BYTES (here 1 * 2 heads * 4096^2 * 4 B = 128 MiB)
+    assert default_implementation(big, big, is_causal=True) == "xla"
+    assert default_implementation(big, big, is_causal=True, mask=jnp.ones((4096,), bool)) == "chunked"
+    huge = jnp.zeros((4, 4096, 8, 8))  # 2 GiB of logits
+    assert default_implementation(huge, huge, is_causal=True) == "chunked"
+    causal = jnp.zeros((1, 1024, 2, 8))
+    assert default_implementation(causal, causal, is_causal=True) == "xla"
 
 
 def test_usable_as_flax_attention_fn():

@@ -297,6 +297,8 @@ def default_implementation(
       and query.shape[-1] % 8 == 0
   ):
     return "cudnn"
+  # The tiled backend is a CPU backend (cache-sized tiles, skipped tiles); on
+  # accelerators its sequential loops lose to one fused XLA kernel.
   if platform != "cpu" or min(query.shape[-3], key.shape[-3]) < _CHUNKED_MIN_LEN:
     return "xla"
   # On CPU, causal attention without a mask array runs fastest as "xla" row
@@ -308,8 +310,6 @@ def default_implementation(
   logits_bytes = 4 * batch * query.shape[-2] * query.shape[-3] * key.shape[-3]
   if is_causal and mask is None and logits_bytes <= _XLA_CAUSAL_MAX_BYTES:
     return "xla"
-  # The tiled backend is a CPU win (cache-sized tiles, skipped tiles); on
-  # accelerators its sequential loops lose to one fused XLA kernel.
   return "chunked"
 
 

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from attention.masks import causal_mask
+
 # Finite stand-in for -inf: exp(NEG_INF - m) underflows to 0 and max() of a
 # fully masked row stays finite, so no inf - inf = NaN can arise.
 NEG_INF = -1e30
@@ -331,6 +333,38 @@ def _pad_axis(x, axis, new_len, value):
   widths = [(0, 0)] * x.ndim
   widths[axis] = (0, pad)
   return jnp.pad(x, widths, constant_values=value)
+
+
+def occupied_tile_fraction(query, key, mask, *, is_causal=False, block_q=None,
+                           block_kv=None):
+  """Fraction of the tiles :func:`attention` would compute (float32 scalar).
+
+  A tile is computed unless the mask (with ``is_causal``, the causal rule too)
+  leaves it no (query, key) pair for any example and head: the same test
+  :func:`attention` applies, with the same default tile sizes.
+
+  Args:
+    query: ``[batch..., q_len, heads, head_dim]`` (only its shape is read).
+    key: ``[batch..., kv_len, kv_heads, head_dim]`` (only its shape is read).
+    mask: boolean, broadcastable to ``[batch..., heads, q_len, kv_len]``.
+    is_causal: also rule out keys after each query.
+    block_q: query tile, as for :func:`attention`.
+    block_kv: key tile, as for :func:`attention`.
+  """
+  batch = jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3])
+  q_len, heads = query.shape[-3], query.shape[-2]
+  kv_len = key.shape[-3]
+  auto = default_block(math.prod(batch) * heads)
+  bq, bk = min(block_q or auto, q_len), min(block_kv or auto, kv_len)
+  q_pad, k_pad = _ceil_div(q_len, bq) * bq, _ceil_div(kv_len, bk) * bk
+  m = jnp.reshape(mask, (1,) * max(0, 2 - mask.ndim) + mask.shape)
+  m = jnp.any(m, axis=tuple(range(m.ndim - 2)))          # over batch and heads
+  m = jnp.broadcast_to(m, (q_len, kv_len))
+  if is_causal:
+    m = m & causal_mask(q_len, kv_len)
+  m = jnp.pad(m, ((0, q_pad - q_len), (0, k_pad - kv_len)))
+  tiles = m.reshape(q_pad // bq, bq, k_pad // bk, bk).any(axis=(1, 3))
+  return jnp.mean(tiles.astype(jnp.float32))
 
 
 def attention(query, key, value, bias=None, mask=None, *, is_causal=False, scale=None,

@@ -12,7 +12,9 @@ adds grouped-query attention, ``is_causal`` and a choice of backend:
   in both passes, and tiles that the mask or causality rule out are skipped.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU,
   fp16/bf16).
-* ``None``: the fastest correct backend for the platform and the inputs.
+* ``None``: the fastest correct backend for the platform and the inputs
+  (:func:`default_implementation`). On CPU a mask array's contents can decide:
+  the tiled backend when enough of its tiles are empty, else ``"xla"``.
 
 Conventions shared by every backend:
 
@@ -56,9 +58,19 @@ _CAUSAL_ROW_BLOCK = 64
 _MAX_ROW_BLOCKS = 8
 
 # Largest float32 [batch, heads, q, k] array for which implementation=None
-# still picks "xla" row blocks for causal attention on CPU (the backward pass
-# holds a few of these): B=4, H=8, T=2048 or B=1, H=8, T=4096.
-_XLA_CAUSAL_MAX_BYTES = 512 * 2**20
+# still considers "xla" on CPU (its backward pass holds a few of these):
+# B=4, H=8, T=2048 or B=1, H=8, T=4096. Beyond it, the tiled backend.
+_XLA_MAX_BYTES = 512 * 2**20
+
+# fwd+bwd time of one computed tile in the tiled backend over the same work in
+# "xla", on CPU with no tile to skip (B=4 padding mask, T=1024 and 2048: 1.62
+# and 1.59, benchmarks/RESULTS.md). With a mask array, implementation=None
+# runs the tiled backend when its occupied tiles times this undercut the share
+# of the logits "xla" computes.
+_CHUNKED_TILE_COST = 1.6
+
+# What default_implementation returns when the mask's contents decide.
+BY_MASK = "xla or chunked"
 
 
 def _split_heads(query: Array, key: Array) -> tuple[int, int]:
@@ -286,7 +298,14 @@ def default_implementation(
     query: Array, key: Array, *, dropout: bool = False, is_causal: bool = False,
     mask: Array | None = None,
 ) -> str:
-  """The backend ``implementation=None`` resolves to for these inputs."""
+  """The backend ``implementation=None`` resolves to for these inputs.
+
+  Returns one of :data:`IMPLEMENTATIONS`, or :data:`BY_MASK` when a mask array
+  decides at run time (CPU, at least 512 tokens, logits up to 512 MiB): the
+  tiled backend if the tiles it would compute
+  (:func:`attention.chunked.occupied_tile_fraction`) cost less than ``"xla"``'s
+  full product, ``"xla"`` otherwise.
+  """
   if dropout:
     return "xla"
   platform = jax.default_backend()
@@ -301,16 +320,32 @@ def default_implementation(
   # accelerators its sequential loops lose to one fused XLA kernel.
   if platform != "cpu" or min(query.shape[-3], key.shape[-3]) < _CHUNKED_MIN_LEN:
     return "xla"
-  # On CPU, causal attention without a mask array runs fastest as "xla" row
-  # blocks (fwd+bwd 1.3-1.45x the tiled backend at T = 1024-2048, equal at
-  # T = 4096 with B = 1) as long as its [batch, heads, q, k] float32 arrays
-  # stay moderate; beyond that the tiled backend's O(T * block) memory wins.
-  # A mask array goes to the tiled backend, which skips the tiles it empties.
+  # On CPU the tiled backend wins only by skipping tiles, and "xla" only while
+  # its [batch, heads, q, k] float32 arrays stay moderate. Without a mask array
+  # "xla" does no more work (is_causal: row blocks, fwd+bwd 1.3-1.45x the tiled
+  # backend at T = 1024-2048); with one, which tiles are empty is data.
   batch = math.prod(jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3]))
   logits_bytes = 4 * batch * query.shape[-2] * query.shape[-3] * key.shape[-3]
-  if is_causal and mask is None and logits_bytes <= _XLA_CAUSAL_MAX_BYTES:
-    return "xla"
-  return "chunked"
+  if logits_bytes > _XLA_MAX_BYTES:
+    return "chunked"
+  return "xla" if mask is None else BY_MASK
+
+
+def _prefers_chunked(query, key, mask, *, is_causal=False, block_q=None,
+                     block_kv=None) -> Array:
+  """Boolean scalar: is the tiled backend cheaper than "xla" for this mask (CPU)?"""
+  occupied = _chunked.occupied_tile_fraction(
+      query, key, mask, is_causal=is_causal, block_q=block_q, block_kv=block_kv)
+  xla_share = _xla_work_fraction(query.shape[-3], key.shape[-3], is_causal)
+  return occupied * _CHUNKED_TILE_COST < xla_share
+
+
+def _xla_work_fraction(q_len: int, kv_len: int, is_causal: bool) -> float:
+  """Share of the ``[q_len, kv_len]`` logits the "xla" backend computes."""
+  if not is_causal:
+    return 1.0
+  blocks = causal_row_blocks(q_len, kv_len)
+  return sum((stop - start) * end for start, stop, end in blocks) / (q_len * kv_len)
 
 
 def dot_product_attention(
@@ -372,12 +407,13 @@ def dot_product_attention(
   _split_heads(query, key)
   mask = as_bool_mask(mask)
   dropout = (not deterministic) and dropout_rate > 0.0
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation={implementation!r} is unknown; use one of {IMPLEMENTATIONS}"
+        " or None."
+    )
   impl = implementation or default_implementation(
       query, key, dropout=dropout, is_causal=is_causal, mask=mask)
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation={impl!r} is unknown; use one of {IMPLEMENTATIONS} or None."
-    )
   if impl == "cudnn" and jax.default_backend() != "gpu":
     raise ValueError(
         f"implementation='cudnn' needs a GPU (this backend is {jax.default_backend()!r});"
@@ -391,6 +427,23 @@ def dot_product_attention(
   if module is not None:
     module.sow("intermediates", "attention_weights", dot_product_attention_weights(
         query, key, bias, mask, is_causal=is_causal, scale=scale, precision=precision))
+  if impl == BY_MASK:
+    # Both backends are compiled and lax.cond runs one. Under jax.grad the
+    # branch not taken still hands back its residuals, as zeros: "xla"'s are
+    # [batch, heads, q, k] arrays, so that branch is rematerialised and saves
+    # only its inputs. Measured fwd+bwd on CPU: B=1 H=8 T=2048 half-padded,
+    # tiled 194 ms, cond 276 ms, cond with remat 209 ms; B=4 T=1024 padded,
+    # "xla" 451 ms, cond with remat 447 ms (the recompute costs no more than
+    # the residuals it avoids writing).
+    options = dict(is_causal=is_causal, scale=scale, precision=precision,
+                   block_q=block_q, block_kv=block_kv)
+    return jax.lax.cond(
+        _prefers_chunked(query, key, mask, is_causal=is_causal, block_q=block_q,
+                         block_kv=block_kv),
+        lambda *a: dot_product_attention(*a, implementation="chunked", **options),
+        jax.checkpoint(
+            lambda *a: dot_product_attention(*a, implementation="xla", **options)),
+        query, key, value, bias, mask)
   if impl == "xla":
     out = _xla(query, key, value, bias, mask, is_causal, scale, precision,
                dropout_rng, dropout_rate, broadcast_dropout, deterministic)

@@ -10,6 +10,7 @@ against ``flax.linen.dot_product_attention`` measured in the same run.
 
 FLOPs: forward = 4·B·H·Tq·Tk·D (two matmuls), halved when causal; forward +
 backward counts 3.5× that (the backward pass does five matmuls of the same size).
+The backward pass gets a dense random output cotangent, as in training (see _loss).
 Max error: against float64 numpy on example 0, head 0, over the query rows that
 attend at least one key (padded queries have no softmax; flax fills them with the
 mean of the values, ours with zeros).
@@ -57,6 +58,16 @@ def _peers():
   if jax.default_backend() == "gpu":
     impls["ours(cudnn)"] = ours("cudnn")
   return impls
+
+
+def _loss(out, cotangent):
+  """A scalar whose gradient w.r.t. ``out`` is the dense ``cotangent``.
+
+  ``sum(out)`` would hand the backward pass a cotangent of ones, and XLA then
+  turns two of its four matmuls (``dO v^T`` and ``P^T dO``) into reductions: a
+  backward pass no training step ever runs.
+  """
+  return jnp.sum(out.astype(jnp.float32) * cotangent.astype(jnp.float32))
 
 
 def _mask(kind, b, t):
@@ -113,6 +124,7 @@ def run_speed(args):
                for _ in range(3))
     for kind in args.masks:
       mask = _mask(kind, args.batch, t)
+      cotangent = jnp.asarray(rng.normal(size=q.shape), dtype)
       ref, rows_ok = _reference_row_block(q.astype(jnp.float32), k.astype(jnp.float32),
                                           v.astype(jnp.float32), mask)
       flops = 4 * args.batch * args.heads * t * t * args.head_dim
@@ -121,11 +133,11 @@ def run_speed(args):
       compiled, errors = {}, {}
       for name, fn in impls.items():
         fwd = jax.jit(lambda q, k, v, m, fn=fn: fn(q, k, v, m, kind))
-        grad = jax.jit(jax.grad(lambda q, k, v, m, fn=fn: jnp.sum(
-            fn(q, k, v, m, kind).astype(jnp.float32)), argnums=(0, 1, 2)))
+        grad = jax.jit(jax.grad(lambda q, k, v, m, c, fn=fn: _loss(
+            fn(q, k, v, m, kind), c), argnums=(0, 1, 2)))
         try:
           out = fwd(q, k, v, mask)
-          jax.block_until_ready(grad(q, k, v, mask))
+          jax.block_until_ready(grad(q, k, v, mask, cotangent))
         except Exception as e:  # e.g. cuDNN rejecting a shape: report, keep going
           print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0]}")
           continue
@@ -135,7 +147,7 @@ def run_speed(args):
       t_fwd = _time_interleaved({n: f for n, (f, _) in compiled.items()},
                                 (q, k, v, mask), args.repeats)
       t_grad = _time_interleaved({n: g for n, (_, g) in compiled.items()},
-                                 (q, k, v, mask), args.repeats)
+                                 (q, k, v, mask, cotangent), args.repeats)
       base = {"fwd": t_fwd["flax"], "fwd_bwd": t_grad["flax"]} if "flax" in compiled else {}
       for name in compiled:
         t_f, t_b, err = t_fwd[name], t_grad[name], errors[name]
@@ -159,8 +171,10 @@ def _peak_rss_child(impl, t, heads, head_dim):
   fn = _peers()[impl]
   mask = None if impl.startswith("ours") else _mask("causal_mask", 1, t)
   kind = "is_causal" if impl.startswith("ours") else "causal_mask"
-  grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, mask, kind)), argnums=(0, 1, 2)))
-  jax.block_until_ready(grad(q, k, v))
+  cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  grad = jax.jit(jax.grad(lambda q, k, v, c: _loss(fn(q, k, v, mask, kind), c),
+                          argnums=(0, 1, 2)))
+  jax.block_until_ready(grad(q, k, v, cotangent))
   print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 

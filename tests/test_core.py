@@ -197,15 +197,75 @@ def test_auto_picks_by_platform_and_size():
   assert default_implementation(small, small) == "xla"
   assert default_implementation(big, big, dropout=True) == "xla"
   if jax.default_backend() == "cpu":
-    assert default_implementation(big, big) == "chunked"
-    # causal without a mask array: row-blocked "xla" while its logits fit
-    # _XLA_CAUSAL_MAX_BYTES (here 1 * 2 heads * 4096^2 * 4 B = 128 MiB)
+    # up to _XLA_MAX_BYTES of logits (here 1 * 2 heads * 4096^2 * 4 B = 128 MiB)
+    # "xla" unless a mask array's empty tiles decide
+    assert default_implementation(big, big) == "xla"
     assert default_implementation(big, big, is_causal=True) == "xla"
-    assert default_implementation(big, big, is_causal=True, mask=jnp.ones((4096,), bool)) == "chunked"
-    huge = jnp.zeros((4, 4096, 8, 8))  # 2 GiB of logits
-    assert default_implementation(huge, huge, is_causal=True) == "chunked"
-    causal = jnp.zeros((1, 1024, 2, 8))
-    assert default_implementation(causal, causal, is_causal=True) == "xla"
+    pad = jnp.ones((4096,), bool)
+    assert default_implementation(big, big, mask=pad) == core.BY_MASK
+    assert default_implementation(big, big, is_causal=True, mask=pad) == core.BY_MASK
+    huge = jnp.zeros((4, 4096, 8, 8))  # 2 GiB of logits: tiled, for memory
+    for kw in ({}, {"is_causal": True}, {"mask": pad}):
+      assert default_implementation(huge, huge, **kw) == "chunked"
+
+
+def _np_tile_fraction(allowed, bq, bk):
+  t, s = allowed.shape
+  tiles = [[allowed[i:i + bq, j:j + bk].any() for j in range(0, s, bk)]
+           for i in range(0, t, bq)]
+  return float(np.mean(tiles))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_occupied_tile_fraction_matches_numpy(causal):
+  from attention.chunked import occupied_tile_fraction
+  rng = np.random.default_rng(3)
+  t, s = 40, 56  # ragged last tiles
+  q, k = jnp.zeros((3, t, 2, 4)), jnp.zeros((3, s, 2, 4))
+  lengths = np.array([9, 17, 30])
+  valid_k = np.arange(s)[None] < lengths[:, None]
+  valid_q = np.arange(t)[None] < lengths[:, None]
+  masks = {
+      "key padding [B,1,1,S]": valid_k[:, None, None, :],
+      "query+key padding [B,1,T,S]": (valid_q[:, :, None] & valid_k[:, None, :])[:, None],
+      "random [B,H,T,S]": rng.random((3, 2, t, s)) > 0.97,
+      "1-D [S]": valid_k[0],
+  }
+  for name, m in masks.items():
+    allowed = np.broadcast_to(m, (3, 2, t, s)).any(axis=(0, 1))
+    if causal:
+      allowed = allowed & np.tril(np.ones((t, s), bool))
+    got = float(occupied_tile_fraction(q, k, jnp.asarray(m), is_causal=causal,
+                                       block_q=16, block_kv=8))
+    assert got == pytest.approx(_np_tile_fraction(allowed, 16, 8)), name
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU dispatch rule")
+def test_auto_with_mask_array_picks_backend_from_empty_tiles():
+  """At >= 512 tokens a mask array picks "chunked" or "xla" at run time; both
+  paths give the float64 reference, values and gradients."""
+  rng = np.random.default_rng(4)
+  b, t, h, d = 1, 512, 8, 8  # default tiles 256 x 256: a 2 x 2 grid
+  q, k, v, dout = (rand(rng, b, t, h, d) for _ in range(4))
+  half = np.arange(t) < t // 2                          # 3 of the 4 tiles empty
+  full = np.ones(t, bool)
+  full[-3:] = False                                     # no tile empty
+  for valid, chunked in ((half, True), (full, False)):
+    mask = (valid[:, None] & valid[None, :])[None, None]
+    prefers = core._prefers_chunked(jnp.asarray(q), jnp.asarray(k), jnp.asarray(mask))
+    assert bool(prefers) is chunked
+    assert "cond" in str(jax.make_jaxpr(
+        lambda q: dot_product_attention(q, k, v, mask=jnp.asarray(mask)))(q))
+
+    def loss(q, k, v):
+      return jnp.sum(dot_product_attention(q, k, v, mask=jnp.asarray(mask)) * dout)
+
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=jnp.asarray(mask)))(q, k, v)
+    ref, _ = reference.attention_forward(q, k, v, mask)  # padded rows: zeros
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-5)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for g, r in zip(grads, reference.attention_backward(q, k, v, dout, mask)):
+      np.testing.assert_allclose(np.asarray(g), r, atol=5e-5, rtol=1e-4)
 
 
 def test_usable_as_flax_attention_fn():

@@ -335,13 +335,23 @@ def _pad_axis(x, axis, new_len, value):
   return jnp.pad(x, widths, constant_values=value)
 
 
+def _tiling(batch_heads, q_len, kv_len, block_q, block_kv):
+  """``(block_q, block_kv, q_pad, k_pad)``: tile sides (default, capped at the
+  lengths) and the lengths padded to whole tiles."""
+  auto = default_block(batch_heads)
+  bq, bk = min(block_q or auto, q_len), min(block_kv or auto, kv_len)
+  return bq, bk, _ceil_div(q_len, bq) * bq, _ceil_div(kv_len, bk) * bk
+
+
 def occupied_tile_fraction(query, key, mask, *, is_causal=False, block_q=None,
                            block_kv=None):
   """Fraction of the tiles :func:`attention` would compute (float32 scalar).
 
-  A tile is computed unless the mask (with ``is_causal``, the causal rule too)
-  leaves it no (query, key) pair for any example and head: the same test
-  :func:`attention` applies, with the same default tile sizes.
+  A tile counts unless the mask (with ``is_causal``, the causal rule too)
+  leaves it no (query, key) pair for any example and head, with the tile sizes
+  :func:`attention` uses. This is :func:`attention`'s skip test, except that
+  :func:`attention` also computes a diagonal tile whose mask allows only
+  future pairs. The estimate can be slightly low in that case.
 
   Args:
     query: ``[batch..., q_len, heads, head_dim]`` (only its shape is read).
@@ -354,9 +364,7 @@ def occupied_tile_fraction(query, key, mask, *, is_causal=False, block_q=None,
   batch = jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3])
   q_len, heads = query.shape[-3], query.shape[-2]
   kv_len = key.shape[-3]
-  auto = default_block(math.prod(batch) * heads)
-  bq, bk = min(block_q or auto, q_len), min(block_kv or auto, kv_len)
-  q_pad, k_pad = _ceil_div(q_len, bq) * bq, _ceil_div(kv_len, bk) * bk
+  bq, bk, q_pad, k_pad = _tiling(math.prod(batch) * heads, q_len, kv_len, block_q, block_kv)
   m = jnp.reshape(mask, (1,) * max(0, 2 - mask.ndim) + mask.shape)
   m = jnp.any(m, axis=tuple(range(m.ndim - 2)))          # over batch and heads
   m = jnp.broadcast_to(m, (q_len, kv_len))
@@ -394,10 +402,7 @@ def attention(query, key, value, bias=None, mask=None, *, is_causal=False, scale
   kv_len, kv_heads = key.shape[-3], key.shape[-2]
   groups = heads // kv_heads
   scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-  auto = default_block(math.prod(batch) * heads)
-  bq = min(block_q or auto, q_len)
-  bk = min(block_kv or auto, kv_len)
-  q_pad, k_pad = _ceil_div(q_len, bq) * bq, _ceil_div(kv_len, bk) * bk
+  bq, bk, q_pad, k_pad = _tiling(math.prod(batch) * heads, q_len, kv_len, block_q, block_kv)
   cfg = _Config(bool(is_causal), scale, bq, bk, kv_len, precision)
 
   def heads_first(x, n):  # [B, T, kvh, (g,) D] -> [B, kvh, (g,) T, D]

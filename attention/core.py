@@ -38,6 +38,7 @@ from flax.linen.dtypes import promote_dtype
 
 from attention import chunked as _chunked
 from attention import dropout as _dropout
+from attention import huge_pages as _huge_pages
 from attention.masks import as_bool_mask, causal_mask, masked_softmax
 
 Array = jax.Array
@@ -63,11 +64,13 @@ _MAX_ROW_BLOCKS = 8
 _XLA_MAX_BYTES = 512 * 2**20
 
 # fwd+bwd time of one computed tile in the tiled backend over the same work in
-# "xla", on CPU with no tile to skip (B=4 padding mask, T=1024 and 2048: 1.62
-# and 1.59, benchmarks/RESULTS.md). With a mask array, implementation=None
-# runs the tiled backend when its occupied tiles times this undercut the share
-# of the logits "xla" computes.
+# "xla", on CPU with no tile to skip (B=4 padding mask, benchmarks/RESULTS.md).
+# With a mask array, implementation=None runs the tiled backend when its occupied
+# tiles times this undercut the share of the logits "xla" computes. Huge pages
+# (attention/huge_pages.py) speed "xla"'s large arrays up more than the tiled
+# backend's small tiles: 4 KiB pages T=1024/2048: 1.62/1.59; huge pages: 2.21/2.14.
 _CHUNKED_TILE_COST = 1.6
+_CHUNKED_TILE_COST_HUGE_PAGES = 2.2
 
 # What default_implementation returns when the mask's contents decide.
 BY_MASK = "xla or chunked"
@@ -337,7 +340,8 @@ def _prefers_chunked(query, key, mask, *, is_causal=False, block_q=None,
   occupied = _chunked.occupied_tile_fraction(
       query, key, mask, is_causal=is_causal, block_q=block_q, block_kv=block_kv)
   xla_share = _xla_work_fraction(query.shape[-3], key.shape[-3], is_causal)
-  return occupied * _CHUNKED_TILE_COST < xla_share
+  cost = _CHUNKED_TILE_COST_HUGE_PAGES if _huge_pages.active() else _CHUNKED_TILE_COST
+  return occupied * cost < xla_share
 
 
 def _xla_work_fraction(q_len: int, kv_len: int, is_causal: bool) -> float:

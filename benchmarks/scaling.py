@@ -163,4 +163,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from attention import huge_pages
+  huge_pages.reexec_with_huge_pages()
   sys.exit(main())

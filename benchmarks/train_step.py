@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_dict
 
+from attention import huge_pages
+
 SIZES = {  # emb_dim, num_layers, num_heads, mlp_dim, vocab (as experiments.configs)
     "tiny": (64, 2, 4, 128, 1024),
     "multi30k": (256, 3, 8, 512, 8192),
@@ -221,7 +223,8 @@ def main(argv=None):
   device = jax.devices()[0].device_kind
   print(f"device: {device} ({jax.default_backend()}), jax {jax.__version__}; size={args.size}"
         f" d={d} layers={layers} heads={heads} mlp={mlp} vocab={vocab} batch={args.batch}"
-        f" S={args.src_len} T={args.tgt_len} dtype={args.dtype}", flush=True)
+        f" S={args.src_len} T={args.tgt_len} dtype={args.dtype}"
+        f" host huge pages {'on' if huge_pages.active() else 'off'}", flush=True)
   peak = matmul_peak(dtype, args.matmul_n)
   print(f"matmul peak ({args.matmul_n}^3 {args.dtype}): {peak / 1e9:.1f} GFLOP/s", flush=True)
   flops = model_flops(d, d, mlp, vocab, layers, layers, args.batch, args.src_len, args.tgt_len)
@@ -253,10 +256,12 @@ def main(argv=None):
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out, "w") as f:
     json.dump({"device": device, "backend": jax.default_backend(), "args": vars(args),
+               "huge_pages": huge_pages.active(),
                "matmul_peak_flops": peak, "model_flops_per_step": flops, "rows": rows},
               f, indent=1)
   print(f"wrote {out}")
 
 
 if __name__ == "__main__":
+  huge_pages.reexec_with_huge_pages()
   main()

@@ -180,4 +180,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from attention import huge_pages
+  huge_pages.reexec_with_huge_pages()
   sys.exit(main())

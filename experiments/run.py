@@ -5,7 +5,9 @@
         --workdir /tmp/mt --config.data.dir=/path/to/multi30k --config.batch_size=128
 
 Re-running the same command resumes from the latest checkpoint. Errors in the
-user's input print one line (set ATTENTION_DEBUG=1 for the traceback).
+user's input print one line (set ATTENTION_DEBUG=1 for the traceback). On Linux the
+command first restarts itself once with huge pages for XLA:CPU's buffers
+(attention/huge_pages.py; ATTENTION_HUGE_PAGES=0 turns that off).
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def _parse(argv):
 
 
 def run() -> None:
+  from attention import huge_pages
+  huge_pages.reexec_with_huge_pages()
   _define_flags(sys.argv)
   app.run(main, flags_parser=_parse)
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from attention import huge_pages
 from experiments import evaluate, optim
 from experiments.checkpoints import Checkpointer, check_and_write_config
 from experiments.data import create_datasets
@@ -256,6 +257,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if primary:
     log.info("model %s: %.2fM parameters; %d devices (%s); workdir %s", config.model.name,
              num_params / 1e6, jax.device_count(), mesh.shape, workdir)
+    if jax.default_backend() == "cpu":
+      log.info("host huge pages: %s (attention/huge_pages.py)",
+               "on" if huge_pages.active() else "off")
 
   def run_eval(step: int, train_loss: float) -> dict:
     from experiments import eval_loop  # local: plots pull in matplotlib

@@ -87,3 +87,21 @@ def test_scaling_loss_equal_on_one_and_two_devices(tmp_path):
   assert result["pass"] and [r["devices"] for r in result["rows"]] == [1, 2]
   assert result["max_rel_diff"] < 1e-4
   assert len(result["rows"][1]["losses"]) == 3
+
+
+def test_huge_pages_benchmark_runs_both_settings(tmp_path):
+  from attention import huge_pages
+  out = tmp_path / "hp.json"
+  res = subprocess.run([sys.executable, "-m", "benchmarks.huge_pages", "--length", "64",
+                        "--repeats", "1", "--rounds", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+  assert res.returncode == 0, res.stderr[-2000:]
+  got = json.loads(out.read_text())
+  expected = huge_pages.thp_mode() == "always" or huge_pages.huge_pages_environ(
+      {}, glibc=huge_pages.glibc_version(), thp=huge_pages.thp_mode()) is not None
+  assert got["took_effect"] == expected
+  assert [r["workload"].split(",")[0] for r in got["rows"]] == [
+      "x * 2", "q kᵀ", "flax attention fwd+bwd", "ours (None) attention fwd+bwd"]
+  for r in got["rows"]:
+    assert r["small_ms"] > 0 and r["huge_ms"] > 0 and r["small_faults"] >= 0
+    assert r["speedup"] == pytest.approx(r["small_ms"] / r["huge_ms"])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from attention import dot_product_attention, dot_product_attention_weights
+from attention import chunked as _chunked
 from attention import core
 from attention.core import default_implementation
 from tests import reference
@@ -266,6 +267,17 @@ def test_auto_with_mask_array_picks_backend_from_empty_tiles():
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
     for g, r in zip(grads, reference.attention_backward(q, k, v, dout, mask)):
       np.testing.assert_allclose(np.asarray(g), r, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("huge,chunked", [(False, True), (True, False)])
+def test_auto_tile_cost_follows_huge_pages(monkeypatch, huge, chunked):
+  """Half the tiles occupied: 0.5 x 1.6 < 1 takes "chunked", 0.5 x 2.2 > 1 "xla"."""
+  monkeypatch.setattr(core._huge_pages, "active", lambda: huge)
+  q = k = jnp.zeros((1, 512, 8, 8))                    # default tiles 256 x 256
+  keys = np.arange(512) < 256                           # 2 of the 2 x 2 tiles empty
+  mask = jnp.asarray(np.broadcast_to(keys, (1, 1, 512, 512)))
+  assert float(_chunked.occupied_tile_fraction(q, k, mask)) == 0.5
+  assert bool(core._prefers_chunked(q, k, mask)) is chunked
 
 
 def test_usable_as_flax_attention_fn():

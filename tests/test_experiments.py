@@ -148,6 +148,11 @@ def test_none_default_fields_can_be_overridden(tmp_path):
              "--config.num_plot_examples=0")
   assert res.returncode == 0, res.stderr[-3000:]
   assert "outputs in" in res.stdout
+  # experiments.run re-executes itself with huge pages where that helps.
+  from attention import huge_pages
+  if "GLIBC_TUNABLES" not in os.environ and huge_pages.huge_pages_environ(
+      {}, glibc=huge_pages.glibc_version(), thp=huge_pages.thp_mode()) is not None:
+    assert "host huge pages: on" in res.stderr, res.stderr[-3000:]
   assert json.loads((tmp_path / "w" / "config.json").read_text())["data"]["dir"] == str(data)
 
 

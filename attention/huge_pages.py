@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
 import sys
 from typing import Mapping
 
@@ -49,14 +48,13 @@ def thp_mode(path: str = _THP_ENABLED) -> str | None:
   return text[text.index("[") + 1:text.index("]")]
 
 
+@functools.lru_cache(maxsize=None)
 def glibc_version() -> tuple[int, ...] | None:
   """The running glibc's version, e.g. ``(2, 36)``; None on other C libraries."""
-  lib, version = platform.libc_ver()
-  if lib != "glibc" or not version:
-    return None
   try:
-    return tuple(int(p) for p in version.split("."))
-  except ValueError:
+    lib, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+    return tuple(int(p) for p in version.split(".")) if lib == "glibc" else None
+  except (AttributeError, OSError, ValueError):  # no confstr, or not glibc's answer
     return None
 
 
@@ -108,10 +106,10 @@ def reexec_with_huge_pages() -> None:
   env = huge_pages_environ(os.environ, glibc=glibc_version(), thp=thp_mode())
   if env is None:
     return
-  # Silent: stderr carries the one-line errors that scripts and tests read.
-  sys.stdout.flush()
-  sys.stderr.flush()
   args = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
   if "-" in args[1:2] or not sys.executable:
     return  # a script read from stdin cannot be read again
+  # Silent: stderr carries the one-line errors that scripts and tests read.
+  sys.stdout.flush()
+  sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *args[1:]], env)

@@ -3,14 +3,14 @@
 XLA:CPU allocates its large buffers afresh on every call, through glibc ``malloc``.
 glibc serves blocks over 32 MiB with ``mmap`` and unmaps them on ``free``, so each
 training step page-faults its whole working set again, one 4 KiB page at a time.
-On this repo's 2-core machine, a flax attention forward+backward at B=4, T=1024
-takes about 190k page faults (800 MB) per call, and a bare ``x * 2`` over 134 MB
-runs at 4 GB/s.
+On this repo's 2-core machine (``python -m benchmarks.huge_pages``), a flax
+attention forward+backward at B=4, T=1024 takes about 195k page faults (800 MB)
+per call, and a bare ``x * 2`` over 128 MiB takes 51 ms, 32769 faults.
 
 glibc 2.35 and later have a tunable, ``glibc.malloc.hugetlb=1``, that makes ``malloc``
 ``madvise(MADV_HUGEPAGE)`` the memory it maps. One fault then maps 2 MiB. On a
 kernel whose transparent huge pages are in ``madvise`` mode (the Debian/Ubuntu
-default), the same ``x * 2`` runs at 17 GB/s. The speed-ups in benchmarks/RESULTS.md
+default), the same ``x * 2`` takes 23 ms, 65 faults. The speed-ups in benchmarks/RESULTS.md
 come from this.
 
 glibc reads its tunables once, at process start. So ``reexec_with_huge_pages()``

@@ -58,6 +58,32 @@ def test_gradients_match_float64_reference(impl, causal):
     np.testing.assert_allclose(np.asarray(g), r, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_chunked_grouped_query_gradients_match_float64(kv_heads):
+  """The tiled backend folds query groups into the tile rows. GQA/MQA gradients
+  with a per-query mask match float64 (kv heads repeated, their gradients summed
+  over each group), and a per-head bias gradient matches "xla"."""
+  rng = np.random.default_rng(8)
+  b, t, s, heads, d = 2, 21, 27, 4, 8
+  groups = heads // kv_heads
+  q, dout = rand(rng, b, t, heads, d), rand(rng, b, t, heads, d)
+  k, v = rand(rng, b, s, kv_heads, d), rand(rng, b, s, kv_heads, d)
+  mask = rng.random((b, 1, t, s)) > 0.3
+
+  def loss(q, k, v, bias, impl):
+    return jnp.sum(attend(q, k, v, impl, mask=jnp.asarray(mask), bias=bias) * dout)
+
+  dq, dk, dv = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, None, "chunked")
+  kr, vr = (np.repeat(x, groups, axis=2) for x in (k, v))
+  rq, rk, rv = reference.attention_backward(q, kr, vr, dout, mask)
+  fold = lambda x: x.reshape(b, s, kv_heads, groups, d).sum(axis=3)
+  for g, r in ((dq, rq), (dk, fold(rk)), (dv, fold(rv))):
+    np.testing.assert_allclose(np.asarray(g), r, atol=5e-5, rtol=1e-4)
+  bias = jnp.asarray(rand(rng, 1, heads, t, s))
+  got, want = (jax.grad(loss, argnums=3)(q, k, v, bias, impl) for impl in ("chunked", "xla"))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
+
+
 def test_chunked_bias_gradient_matches_xla():
   rng = np.random.default_rng(2)
   q, k, v = (rand(rng, 2, 20, 2, 8) for _ in range(3))
@@ -242,13 +268,16 @@ def test_occupied_tile_fraction_matches_numpy(causal):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU dispatch rule")
-def test_auto_with_mask_array_picks_backend_from_empty_tiles():
+def test_auto_with_mask_array_picks_backend_from_empty_tiles(monkeypatch):
   """At >= 512 tokens a mask array picks "chunked" or "xla" at run time; both
   paths give the float64 reference, values and gradients."""
+  # Huge pages' tile cost (1.2): with 4 KiB pages (0.9) a tile costs less than
+  # "xla"'s share even when none is empty, and "chunked" always wins.
+  monkeypatch.setattr(core._huge_pages, "active", lambda: True)
   rng = np.random.default_rng(4)
-  b, t, h, d = 1, 512, 8, 8  # default tiles 256 x 256: a 2 x 2 grid
+  b, t, h, d = 1, 512, 32, 8  # default tiles 512 x 256: a 1 x 2 grid
   q, k, v, dout = (rand(rng, b, t, h, d) for _ in range(4))
-  half = np.arange(t) < t // 2                          # 3 of the 4 tiles empty
+  half = np.arange(t) < t // 2                          # 1 of the 2 tiles empty
   full = np.ones(t, bool)
   full[-3:] = False                                     # no tile empty
   for valid, chunked in ((half, True), (full, False)):
@@ -271,12 +300,13 @@ def test_auto_with_mask_array_picks_backend_from_empty_tiles():
 
 @pytest.mark.parametrize("huge,chunked", [(False, True), (True, False)])
 def test_auto_tile_cost_follows_huge_pages(monkeypatch, huge, chunked):
-  """Half the tiles occupied: 0.5 x 1.6 < 1 takes "chunked", 0.5 x 2.2 > 1 "xla"."""
+  """7 of 8 tiles occupied: 0.875 x 0.9 < 1 takes "chunked", 0.875 x 1.2 > 1 "xla"."""
   monkeypatch.setattr(core._huge_pages, "active", lambda: huge)
-  q = k = jnp.zeros((1, 512, 8, 8))                    # default tiles 256 x 256
-  keys = np.arange(512) < 256                           # 2 of the 2 x 2 tiles empty
-  mask = jnp.asarray(np.broadcast_to(keys, (1, 1, 512, 512)))
-  assert float(_chunked.occupied_tile_fraction(q, k, mask)) == 0.5
+  q = k = jnp.zeros((1, 1024, 32, 8))                  # default tiles 512 x 256
+  allowed = np.ones((1024, 1024), bool)
+  allowed[512:, 768:] = False                           # 1 of the 2 x 4 tiles empty
+  mask = jnp.asarray(allowed[None, None])
+  assert float(_chunked.occupied_tile_fraction(q, k, mask)) == 0.875
   assert bool(core._prefers_chunked(q, k, mask)) is chunked
 
 
@@ -359,3 +389,59 @@ def test_causal_row_blocks_keep_the_dropout_pattern(monkeypatch, broadcast):
   np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, **kw)), np.asarray(whole),
                              atol=1e-6)
   assert not np.allclose(whole, dot_product_attention(q, k, v, is_causal=True, implementation="xla"))
+
+
+def test_mask_within_causal_matches_numpy():
+  from attention.core import mask_within_causal
+  rng = np.random.default_rng(5)
+  t, s = 12, 12
+  tril = np.tril(np.ones((t, s), bool))
+  valid = np.arange(s) < 9
+  one_future = tril.copy()
+  one_future[3, 7] = True
+  masks = {
+      "make_causal_mask [B,1,T,T]": (nn.make_causal_mask(jnp.ones((2, t)), dtype=bool), True),
+      "causal & padding": (tril[None, None] & valid[None, None, None, :], True),
+      "strictly below the diagonal": (np.tril(np.ones((t, s), bool), -1), True),
+      "one future key": (one_future[None, None], False),
+      "key padding [B,1,1,S]": (valid[None, None, None, :], False),
+      "random": (rng.random((2, 3, t, s)) > 0.5, False),
+  }
+  for name, (m, want) in masks.items():
+    got = bool(jax.jit(mask_within_causal, static_argnums=(1, 2))(jnp.asarray(m), t, s))
+    assert got == (not np.any(np.broadcast_to(m, (2, 3, t, s)) & ~tril)), name
+    assert got is want, name
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU dispatch rule")
+@pytest.mark.parametrize("t", [256, 512])
+def test_auto_with_causal_mask_array_matches_reference(t):
+  """A mask array with a query axis is checked at run time: within the causal
+  pattern it runs the causal row blocks, otherwise the full product (and from
+  512 tokens possibly the tiled backend). Values and gradients match float64
+  either way, including a mask with a single future key allowed."""
+  rng = np.random.default_rng(6)
+  b, h, d = 1, 2, 8
+  q, k, v, dout = (rand(rng, b, t, h, d) for _ in range(4))
+  tril = np.tril(np.ones((t, t), bool))
+  valid = np.arange(t) < t - 5
+  one_future = tril.copy()
+  one_future[t // 2, t - 1] = True
+  assert default_implementation(q, k, mask=jnp.asarray(tril[None, None])) == core.BY_MASK
+  pad = jnp.asarray(valid[None, None, None, :])
+  if t < core._CHUNKED_MIN_LEN:  # a key-padding mask can never be causal
+    assert default_implementation(q, k, mask=pad) == "xla"
+  for m in (tril & valid[None, :] & valid[:, None], one_future):
+    mask = jnp.asarray(m[None, None])
+    assert "cond" in str(jax.make_jaxpr(
+        lambda q: dot_product_attention(q, k, v, mask=mask))(q))
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=mask))(q, k, v)
+    ref, _ = reference.attention_forward(q, k, v, m[None, None])
+    np.testing.assert_allclose(np.asarray(out), ref, atol=2e-5, rtol=1e-5)
+
+    def loss(q, k, v):
+      return jnp.sum(dot_product_attention(q, k, v, mask=mask) * dout)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    for g, r in zip(grads, reference.attention_backward(q, k, v, dout, m[None, None])):
+      np.testing.assert_allclose(np.asarray(g), r, atol=5e-5, rtol=1e-4)

@@ -13,7 +13,7 @@ adds grouped-query attention, ``is_causal`` and a choice of backend:
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU,
   fp16/bf16).
 * ``None``: the fastest correct backend for the platform and the inputs
-  (:func:`default_implementation`). On CPU a mask array's contents can decide:
+  (:mod:`attention.dispatch`, :func:`default_implementation`). On CPU a mask array's contents can decide:
   the tiled backend when enough of its tiles are empty, else ``"xla"``, with
   causal row blocks when the mask allows no future key (a causal mask array).
 
@@ -39,43 +39,12 @@ from flax.linen.dtypes import promote_dtype
 
 from attention import chunked as _chunked
 from attention import dropout as _dropout
-from attention import huge_pages as _huge_pages
+from attention.dispatch import (  # noqa: F401  (re-exported)
+    BY_MASK, IMPLEMENTATIONS, by_mask, causal_row_blocks, default_implementation,
+    mask_within_causal)
 from attention.masks import as_bool_mask, causal_mask, masked_softmax
 
 Array = jax.Array
-
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
-
-# Key and query lengths at or above which ``implementation=None`` prefers the
-# tiled backend on CPU; below it the per-tile bookkeeping costs more than the
-# single fused softmax saves (see benchmarks/attention_core.py).
-_CHUNKED_MIN_LEN = 512
-
-# Query rows per block when the "xla" backend splits causal attention on CPU
-# (causal_row_blocks). Measured fwd+bwd against one [T, T] product (B*T = 1024,
-# H = 8, D = 64): 64-row blocks 1.29x at T = 128, 1.4-1.6x at T = 256; 128-row
-# blocks about the same from T = 256 up. At most _MAX_ROW_BLOCKS blocks, so a
-# long sequence does not unroll into hundreds of small matmuls.
-_CAUSAL_ROW_BLOCK = 64
-_MAX_ROW_BLOCKS = 8
-
-# Largest float32 [batch, heads, q, k] array for which implementation=None
-# still considers "xla" on CPU (its backward pass holds a few of these):
-# B=4, H=8, T=2048 or B=1, H=8, T=4096. Beyond it, the tiled backend.
-_XLA_MAX_BYTES = 512 * 2**20
-
-# fwd+bwd time of one computed tile in the tiled backend over the same work in
-# "xla", on CPU with no tile to skip (B=4 H=8 padding mask, default 512x256
-# tiles, throw-away script). With a mask array, implementation=None runs the
-# tiled backend when its occupied tiles times this undercut the share of the
-# logits "xla" computes. Huge pages (attention/huge_pages.py) speed "xla"'s
-# large arrays up more than the tiled backend's tiles: 4 KiB pages T=1024/2048:
-# 0.85/0.88; huge pages: 1.03/1.29.
-_CHUNKED_TILE_COST = 0.9
-_CHUNKED_TILE_COST_HUGE_PAGES = 1.2
-
-# What default_implementation returns when the mask's contents decide.
-BY_MASK = "by mask"
 
 
 def _split_heads(query: Array, key: Array) -> tuple[int, int]:
@@ -198,22 +167,6 @@ def _probs(qh, kh, bias, mask, scale, precision):
     logits = logits + bias.astype(jnp.float32)
   return masked_softmax(logits, mask)
 
-
-def causal_row_blocks(q_len: int, kv_len: int) -> list[tuple[int, int, int]]:
-  """``(q_start, q_end, kv_end)`` row blocks for causal attention on CPU.
-
-  Rows ``[q_start, q_end)`` of a top-left aligned causal pattern see only keys
-  ``[0, kv_end)``, so computing each block against that key prefix skips the
-  future keys' matmul work: with b blocks, (b + 1) / 2b of the full FLOPs.
-  One block (the whole product) elsewhere: the split was measured on CPU only.
-  """
-  block = max(_CAUSAL_ROW_BLOCK, -(-q_len // _MAX_ROW_BLOCKS))
-  if jax.default_backend() != "cpu" or q_len < 2 * block:
-    return [(0, q_len, kv_len)]
-  return [(a, min(a + block, q_len), min(a + block, kv_len))
-          for a in range(0, q_len, block)]
-
-
 def _rows(x: Array | None, start: int, stop: int, kv_end: int) -> Array | None:
   """Rows ``[start, stop)`` and keys ``[0, kv_end)`` of a broadcastable mask/bias."""
   if x is None:
@@ -298,138 +251,6 @@ def _cudnn(query, key, value, bias, mask, is_causal, scale):
     out = jnp.where(jnp.swapaxes(valid, 1, 2)[..., None], out, 0)
   return out.reshape(batch + out.shape[1:])
 
-
-def default_implementation(
-    query: Array, key: Array, *, dropout: bool = False, is_causal: bool = False,
-    mask: Array | None = None,
-) -> str:
-  """The backend ``implementation=None`` resolves to for these inputs.
-
-  Returns one of :data:`IMPLEMENTATIONS`, or :data:`BY_MASK` when a mask array
-  decides at run time on CPU (logits up to 512 MiB):
-
-  * at least 512 tokens: the tiled backend if the tiles it would compute
-    (:func:`attention.chunked.occupied_tile_fraction`) cost less than the
-    logits ``"xla"`` computes;
-  * otherwise ``"xla"``; when the mask has a query axis, allows no key after
-    its query (:func:`mask_within_causal`, e.g. ``make_causal_mask``) and the
-    sequence is long enough for :func:`causal_row_blocks`, with the row blocks
-    of ``is_causal``, since then ``mask`` and ``mask & causal`` are the same.
-  """
-  if dropout:
-    return "xla"
-  platform = jax.default_backend()
-  if (
-      platform == "gpu"
-      and query.dtype in (jnp.bfloat16, jnp.float16)
-      and query.shape[-1] <= 128
-      and query.shape[-1] % 8 == 0
-  ):
-    return "cudnn"
-  # The tiled backend is a CPU backend (cache-sized tiles, skipped tiles); on
-  # accelerators its sequential loops lose to one fused XLA kernel.
-  if platform != "cpu":
-    return "xla"
-  if min(query.shape[-3], key.shape[-3]) < _CHUNKED_MIN_LEN:
-    return BY_MASK if _may_split_mask(query, key, mask, is_causal) else "xla"
-  # On CPU the tiled backend wins only by skipping tiles, and "xla" only while
-  # its [batch, heads, q, k] float32 arrays stay moderate. Without a mask array
-  # "xla" does no more work (is_causal: row blocks, fwd+bwd 1.3-1.45x the tiled
-  # backend at T = 1024-2048); with one, which tiles are empty is data.
-  batch = math.prod(jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3]))
-  logits_bytes = 4 * batch * query.shape[-2] * query.shape[-3] * key.shape[-3]
-  if logits_bytes > _XLA_MAX_BYTES:
-    return "chunked"
-  return "xla" if mask is None else BY_MASK
-
-
-def _may_split_mask(query, key, mask, is_causal) -> bool:
-  """Could a mask array turn out causal, so that "xla" may use row blocks?
-
-  Only a mask with a query axis can be (a key-padding ``[B, 1, 1, S]`` mask
-  cannot), and only where :func:`causal_row_blocks` splits at all.
-  """
-  return (mask is not None and not is_causal and mask.ndim >= 2
-          and mask.shape[-2] != 1
-          and len(causal_row_blocks(query.shape[-3], key.shape[-3])) > 1)
-
-
-def mask_within_causal(mask: Array, q_len: int, kv_len: int) -> Array:
-  """Boolean scalar: does ``mask`` allow no key after its query?
-
-  True for ``flax.linen.make_causal_mask`` and for its combination with a
-  padding mask. Then attention under ``mask`` equals attention under ``mask``
-  with ``is_causal=True``, which skips the future keys' work.
-
-  Args:
-    mask: boolean, broadcastable to ``[batch..., heads, q_len, kv_len]``.
-    q_len: query length.
-    kv_len: key length.
-  """
-  return ~jnp.any(mask & ~causal_mask(q_len, kv_len))
-
-
-def _prefers_chunked(query, key, mask, *, is_causal=False, block_q=None,
-                     block_kv=None, xla_share=None) -> Array:
-  """Boolean scalar: is the tiled backend cheaper than "xla" for this mask (CPU)?
-
-  ``xla_share`` (default: from ``is_causal``) is the share of the logits "xla"
-  would compute; it may be traced.
-  """
-  occupied = _chunked.occupied_tile_fraction(
-      query, key, mask, is_causal=is_causal, block_q=block_q, block_kv=block_kv)
-  if xla_share is None:
-    xla_share = _xla_work_fraction(query.shape[-3], key.shape[-3], is_causal)
-  cost = _CHUNKED_TILE_COST_HUGE_PAGES if _huge_pages.active() else _CHUNKED_TILE_COST
-  return occupied * cost < xla_share
-
-
-def _by_mask(query, key, value, bias, mask, *, is_causal, **options) -> Array:
-  """Runs the backend the mask's contents pick (CPU; see default_implementation).
-
-  Every candidate is compiled and ``lax.switch`` runs one. Under ``jax.grad``
-  the branches not taken still hand back their residuals, as zeros: "xla"'s are
-  ``[batch, heads, q, k]`` arrays, so the "xla" branches are rematerialised and
-  save only their inputs. Measured fwd+bwd on CPU: B=1 H=8 T=2048 half-padded,
-  tiled 194 ms, cond 276 ms, cond with remat 209 ms; B=4 T=1024 padded, "xla"
-  451 ms, cond with remat 447 ms (the recompute costs no more than the
-  residuals it avoids writing). A causal mask array, B=4 H=8 T=1024 (T=256):
-  "xla" 349 (24.2) ms, causal branch without remat 224 (25.4) ms, with remat
-  220 (17.8) ms. Under jax.vmap with a batched mask the switch becomes a
-  select and every branch runs: pass ``implementation`` there.
-  """
-  q_len, kv_len = query.shape[-3], key.shape[-3]
-
-  def run(impl, causal, remat):
-    fn = lambda *a: dot_product_attention(
-        *a, implementation=impl, is_causal=causal, **options)
-    return jax.checkpoint(fn) if remat else fn
-
-  branches = [run("xla", is_causal, True)]
-  index = jnp.int32(0)
-  xla_share = _xla_work_fraction(q_len, kv_len, is_causal)
-  if _may_split_mask(query, key, mask, is_causal):
-    within = mask_within_causal(mask, q_len, kv_len)
-    branches.append(run("xla", True, True))
-    index = jnp.where(within, len(branches) - 1, index)
-    xla_share = jnp.where(within, _xla_work_fraction(q_len, kv_len, True), xla_share)
-  if min(q_len, kv_len) >= _CHUNKED_MIN_LEN:
-    branches.append(run("chunked", is_causal, False))
-    chunked = _prefers_chunked(query, key, mask, is_causal=is_causal,
-                               block_q=options["block_q"],
-                               block_kv=options["block_kv"], xla_share=xla_share)
-    index = jnp.where(chunked, len(branches) - 1, index)
-  return jax.lax.switch(index, branches, query, key, value, bias, mask)
-
-
-def _xla_work_fraction(q_len: int, kv_len: int, is_causal: bool) -> float:
-  """Share of the ``[q_len, kv_len]`` logits the "xla" backend computes."""
-  if not is_causal:
-    return 1.0
-  blocks = causal_row_blocks(q_len, kv_len)
-  return sum((stop - start) * end for start, stop, end in blocks) / (q_len * kv_len)
-
-
 def dot_product_attention(
     query: Array,
     key: Array,
@@ -510,8 +331,9 @@ def dot_product_attention(
     module.sow("intermediates", "attention_weights", dot_product_attention_weights(
         query, key, bias, mask, is_causal=is_causal, scale=scale, precision=precision))
   if impl == BY_MASK:
-    return _by_mask(query, key, value, bias, mask, is_causal=is_causal, scale=scale,
-                    precision=precision, block_q=block_q, block_kv=block_kv)
+    return by_mask(dot_product_attention, query, key, value, bias, mask,
+                   is_causal=is_causal, scale=scale, precision=precision,
+                   block_q=block_q, block_kv=block_kv)
   if impl == "xla":
     out = _xla(query, key, value, bias, mask, is_causal, scale, precision,
                dropout_rng, dropout_rate, broadcast_dropout, deterministic)

@@ -9,6 +9,7 @@ import pytest
 from attention import dot_product_attention, dot_product_attention_weights
 from attention import chunked as _chunked
 from attention import core
+from attention import dispatch
 from attention.core import default_implementation
 from tests import reference
 
@@ -273,7 +274,7 @@ def test_auto_with_mask_array_picks_backend_from_empty_tiles(monkeypatch):
   paths give the float64 reference, values and gradients."""
   # Huge pages' tile cost (1.2): with 4 KiB pages (0.9) a tile costs less than
   # "xla"'s share even when none is empty, and "chunked" always wins.
-  monkeypatch.setattr(core._huge_pages, "active", lambda: True)
+  monkeypatch.setattr(dispatch._huge_pages, "active", lambda: True)
   rng = np.random.default_rng(4)
   b, t, h, d = 1, 512, 32, 8  # default tiles 512 x 256: a 1 x 2 grid
   q, k, v, dout = (rand(rng, b, t, h, d) for _ in range(4))
@@ -282,7 +283,7 @@ def test_auto_with_mask_array_picks_backend_from_empty_tiles(monkeypatch):
   full[-3:] = False                                     # no tile empty
   for valid, chunked in ((half, True), (full, False)):
     mask = (valid[:, None] & valid[None, :])[None, None]
-    prefers = core._prefers_chunked(jnp.asarray(q), jnp.asarray(k), jnp.asarray(mask))
+    prefers = dispatch._prefers_chunked(jnp.asarray(q), jnp.asarray(k), jnp.asarray(mask))
     assert bool(prefers) is chunked
     assert "cond" in str(jax.make_jaxpr(
         lambda q: dot_product_attention(q, k, v, mask=jnp.asarray(mask)))(q))
@@ -301,13 +302,13 @@ def test_auto_with_mask_array_picks_backend_from_empty_tiles(monkeypatch):
 @pytest.mark.parametrize("huge,chunked", [(False, True), (True, False)])
 def test_auto_tile_cost_follows_huge_pages(monkeypatch, huge, chunked):
   """7 of 8 tiles occupied: 0.875 x 0.9 < 1 takes "chunked", 0.875 x 1.2 > 1 "xla"."""
-  monkeypatch.setattr(core._huge_pages, "active", lambda: huge)
+  monkeypatch.setattr(dispatch._huge_pages, "active", lambda: huge)
   q = k = jnp.zeros((1, 1024, 32, 8))                  # default tiles 512 x 256
   allowed = np.ones((1024, 1024), bool)
   allowed[512:, 768:] = False                           # 1 of the 2 x 4 tiles empty
   mask = jnp.asarray(allowed[None, None])
   assert float(_chunked.occupied_tile_fraction(q, k, mask)) == 0.875
-  assert bool(core._prefers_chunked(q, k, mask)) is chunked
+  assert bool(dispatch._prefers_chunked(q, k, mask)) is chunked
 
 
 def test_usable_as_flax_attention_fn():
@@ -333,7 +334,7 @@ def test_under_vmap_jit_and_grad(impl):
 
 
 def test_causal_row_blocks_cover_the_causal_pattern(monkeypatch):
-  monkeypatch.setattr(core, "_CAUSAL_ROW_BLOCK", 4)
+  monkeypatch.setattr(dispatch, "_CAUSAL_ROW_BLOCK", 4)
   assert core.causal_row_blocks(10, 10) == [(0, 4, 4), (4, 8, 8), (8, 10, 10)]
   assert core.causal_row_blocks(9, 6) == [(0, 4, 4), (4, 8, 6), (8, 9, 6)]
   assert core.causal_row_blocks(8, 30) == [(0, 4, 4), (4, 8, 8)]
@@ -353,7 +354,7 @@ def test_causal_row_blocks_match_float64_reference(monkeypatch, t, s):
   outputs with a mask, a bias and GQA, and gradients with key padding."""
   if jax.default_backend() != "cpu":
     pytest.skip("row blocks are a CPU path")
-  monkeypatch.setattr(core, "_CAUSAL_ROW_BLOCK", 4)
+  monkeypatch.setattr(dispatch, "_CAUSAL_ROW_BLOCK", 4)
   assert len(core.causal_row_blocks(t, s)) > 1
   rng = np.random.default_rng(11)
   b, h, kvh, d = 2, 4, 2, 8
@@ -383,7 +384,7 @@ def test_causal_row_blocks_keep_the_dropout_pattern(monkeypatch, broadcast):
   kw = dict(is_causal=True, dropout_rate=0.4, dropout_rng=jax.random.key(5),
             broadcast_dropout=broadcast, implementation="xla")
   whole = dot_product_attention(q, k, v, **kw)
-  monkeypatch.setattr(core, "_CAUSAL_ROW_BLOCK", 3)
+  monkeypatch.setattr(dispatch, "_CAUSAL_ROW_BLOCK", 3)
   if jax.default_backend() == "cpu":
     assert len(core.causal_row_blocks(11, 11)) == 4
   np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, **kw)), np.asarray(whole),
@@ -429,7 +430,7 @@ def test_auto_with_causal_mask_array_matches_reference(t):
   one_future[t // 2, t - 1] = True
   assert default_implementation(q, k, mask=jnp.asarray(tril[None, None])) == core.BY_MASK
   pad = jnp.asarray(valid[None, None, None, :])
-  if t < core._CHUNKED_MIN_LEN:  # a key-padding mask can never be causal
+  if t < dispatch._CHUNKED_MIN_LEN:  # a key-padding mask can never be causal
     assert default_implementation(q, k, mask=pad) == "xla"
   for m in (tril & valid[None, :] & valid[:, None], one_future):
     mask = jnp.asarray(m[None, None])

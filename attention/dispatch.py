@@ -79,7 +79,10 @@ def default_implementation(
   """The backend ``implementation=None`` resolves to for these inputs.
 
   Returns one of :data:`IMPLEMENTATIONS`, or :data:`BY_MASK` when a mask array
-  decides at run time on CPU (logits up to 512 MiB):
+  decides at run time on CPU (logits up to 512 MiB). On CPU without a mask
+  array, from 512 tokens: the tiled backend when a tile costs less than
+  ``"xla"``'s product (:data:`_CHUNKED_TILE_COST`, 4 KiB pages) and there is no
+  ``is_causal``, else ``"xla"``. With a mask array:
 
   * at least 512 tokens: the tiled backend if the tiles it would compute
     (:func:`attention.chunked.occupied_tile_fraction`) cost less than the
@@ -105,15 +108,19 @@ def default_implementation(
     return "xla"
   if min(query.shape[-3], key.shape[-3]) < _CHUNKED_MIN_LEN:
     return BY_MASK if _may_split_mask(query, key, mask, is_causal) else "xla"
-  # On CPU the tiled backend wins only by skipping tiles, and "xla" only while
-  # its [batch, heads, q, k] float32 arrays stay moderate. Without a mask array
-  # "xla" does no more work (is_causal: row blocks, fwd+bwd 1.3-1.45x the tiled
-  # backend at T = 1024-2048); with one, which tiles are empty is data.
+  # "xla" only while its [batch, heads, q, k] float32 arrays stay moderate.
+  # Without a mask array: with is_causal, "xla"'s row blocks do no more work
+  # than the tiles; otherwise the tiles win where a tile costs less than the
+  # same share of "xla"'s product, i.e. with 4 KiB pages, where every large
+  # "xla" buffer faults in page by page (no mask, fwd+bwd over "xla": 0.60-0.68
+  # at B=1-4, T=512-2048). With a mask array, which tiles are empty is data.
   batch = math.prod(jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3]))
   logits_bytes = 4 * batch * query.shape[-2] * query.shape[-3] * key.shape[-3]
   if logits_bytes > _XLA_MAX_BYTES:
     return "chunked"
-  return "xla" if mask is None else BY_MASK
+  if mask is None:
+    return "chunked" if not is_causal and _tile_cost() < 1.0 else "xla"
+  return BY_MASK
 
 
 def _may_split_mask(query, key, mask, is_causal) -> bool:
@@ -153,8 +160,12 @@ def _prefers_chunked(query, key, mask, *, is_causal=False, block_q=None,
       query, key, mask, is_causal=is_causal, block_q=block_q, block_kv=block_kv)
   if xla_share is None:
     xla_share = _xla_work_fraction(query.shape[-3], key.shape[-3], is_causal)
-  cost = _CHUNKED_TILE_COST_HUGE_PAGES if _huge_pages.active() else _CHUNKED_TILE_COST
-  return occupied * cost < xla_share
+  return occupied * _tile_cost() < xla_share
+
+
+def _tile_cost() -> float:
+  """The tiled backend's fwd+bwd cost per tile over "xla"'s, for this process's pages."""
+  return _CHUNKED_TILE_COST_HUGE_PAGES if _huge_pages.active() else _CHUNKED_TILE_COST
 
 
 def by_mask(attend: Callable[..., Array], query, key, value, bias, mask, *,

@@ -33,9 +33,9 @@ from attention.masks import causal_mask
 NEG_INF = -1e30
 
 # Tiles of about this many logits (over batch and heads), twice as tall as
-# wide, measured fastest on CPU (benchmarks/attention_core.py; fwd+bwd over
-# "xla"'s, B=4 H=8 T=1024 padded, no tile to skip: 128x128 1.6-1.9, 256x256
-# 1.3-1.5, 512x256 1.0-1.2). Smaller tiles pay XLA:CPU's per-kernel cost more
+# wide, measured fastest on CPU (fwd+bwd over "xla"'s, B=4 H=8 T=1024 padded,
+# no tile to skip, `python -m benchmarks.attention_core --lengths 1024 --masks
+# padding --blocks 128x128 256x256 512x256`: 1.95, 1.55, 1.01). Smaller tiles pay XLA:CPU's per-kernel cost more
 # often; larger ones skip less and hold more memory. B=4 H=8 -> 512x256,
 # B=1 H=8 -> 1024x512.
 _TILE_ELEMENTS = 4 * 1024 * 1024

@@ -45,11 +45,12 @@ _XLA_MAX_BYTES = 512 * 2**20
 
 # fwd+bwd time of one computed tile in the tiled backend over the same work in
 # "xla", on CPU with no tile to skip (B=4 H=8 padding mask, default 512x256
-# tiles, throw-away script). With a mask array, implementation=None runs the
-# tiled backend when its occupied tiles times this undercut the share of the
-# logits "xla" computes. Huge pages (attention/huge_pages.py) speed "xla"'s
-# large arrays up more than the tiled backend's tiles: 4 KiB pages T=1024/2048:
-# 0.85/0.88; huge pages: 1.03/1.29.
+# tiles; `python -m benchmarks.attention_core --lengths 1024 --masks padding`,
+# chunked over xla rows). With a mask array, implementation=None runs the tiled
+# backend when its occupied tiles times this undercut the share of the logits
+# "xla" computes. Huge pages (attention/huge_pages.py) speed "xla"'s large
+# arrays up more than the tiled backend's tiles: huge pages 1.01-1.12 at
+# T=1024 (1.29 at T=2048 in a throw-away script); 4 KiB pages 0.81-0.94.
 _CHUNKED_TILE_COST = 0.9
 _CHUNKED_TILE_COST_HUGE_PAGES = 1.2
 
@@ -112,8 +113,9 @@ def default_implementation(
   # Without a mask array: with is_causal, "xla"'s row blocks do no more work
   # than the tiles; otherwise the tiles win where a tile costs less than the
   # same share of "xla"'s product, i.e. with 4 KiB pages, where every large
-  # "xla" buffer faults in page by page (no mask, fwd+bwd over "xla": 0.60-0.68
-  # at B=1-4, T=512-2048). With a mask array, which tiles are empty is data.
+  # "xla" buffer faults in page by page (no mask, fwd+bwd over "xla": 0.79 at
+  # B=4 T=512, 0.63 at B=4 T=1024, 0.66 at B=1 T=2048; RESULTS.md). With a mask
+  # array, which tiles are empty is data.
   batch = math.prod(jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3]))
   logits_bytes = 4 * batch * query.shape[-2] * query.shape[-3] * key.shape[-3]
   if logits_bytes > _XLA_MAX_BYTES:

@@ -36,15 +36,17 @@ import numpy as np
 from attention import huge_pages
 
 
-def _peers():
+def _peers(blocks=()):
+  """Implementations by name; each ``"BQxBK"`` in ``blocks`` adds the tiled
+  backend with that tile, e.g. ``ours(chunked 512x256)``."""
   import flax.linen as nn
   from attention import dot_product_attention
 
-  def ours(impl):
+  def ours(impl, **tiles):
     def f(q, k, v, mask, causal):
       if causal == "is_causal":
-        return dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-      return dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        return dot_product_attention(q, k, v, is_causal=True, implementation=impl, **tiles)
+      return dot_product_attention(q, k, v, mask=mask, implementation=impl, **tiles)
     return f
 
   def flax_fn(q, k, v, mask, causal):
@@ -59,6 +61,9 @@ def _peers():
            "ours(xla)": ours("xla"), "ours(chunked)": ours("chunked")}
   if jax.default_backend() == "gpu":
     impls["ours(cudnn)"] = ours("cudnn")
+  for tile in blocks:
+    bq, bk = (int(n) for n in tile.split("x"))
+    impls[f"ours(chunked {tile})"] = ours("chunked", block_q=bq, block_kv=bk)
   return impls
 
 
@@ -122,7 +127,7 @@ def _reference_row_block(q, k, v, mask):
 
 
 def run_speed(args):
-  impls = _peers()
+  impls = _peers(args.blocks)
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
   rows = []
   for t in args.lengths:
@@ -164,7 +169,7 @@ def run_speed(args):
                    speedup_fwd=base["fwd"] / t_f if base else None,
                    speedup_fwd_bwd=base["fwd_bwd"] / t_b if base else None)
         rows.append(row)
-        print(f"T={t:5d} {kind:11s} {name:14s} fwd {row['fwd_ms']:8.1f} ms "
+        print(f"T={t:5d} {kind:11s} {name:22s} fwd {row['fwd_ms']:8.1f} ms "
               f"({row['fwd_gflops']:6.1f} GF/s, x{row['speedup_fwd'] or 0:4.2f} vs flax)  "
               f"fwd+bwd {row['fwd_bwd_ms']:8.1f} ms (x{row['speedup_fwd_bwd'] or 0:4.2f})  "
               f"err {err:.1e}", flush=True)
@@ -209,6 +214,13 @@ def run_memory(args):
   return rows
 
 
+def _tile(text: str) -> str:
+  parts = text.split("x")
+  if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise argparse.ArgumentTypeError(f"--blocks {text!r}: want BQxBK, e.g. 512x256")
+  return text
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
@@ -220,6 +232,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="bf16" if jax.default_backend() == "gpu" else "fp32",
                  choices=["fp32", "bf16"])
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--blocks", nargs="*", default=[], type=_tile,
+                 help="also time the tiled backend with these tiles, e.g. 128x128 512x256")
   p.add_argument("--memory", action="store_true", help="also run the peak-RSS sweep")
   p.add_argument("--memory_only", action="store_true")
   p.add_argument("--budget_gb", type=float, default=4.0)

@@ -35,6 +35,18 @@ def test_attention_core_rows_errors_and_ratios(tmp_path, capsys):
     assert r["fwd_gflops"] == pytest.approx(flops / (r["fwd_ms"] / 1e3) / 1e9)
 
 
+def test_attention_core_times_requested_tiles(tmp_path, capsys):
+  out = tmp_path / "core.json"
+  attention_core.main(["--lengths", "32", "--batch", "2", "--heads", "2", "--head_dim", "8",
+                       "--repeats", "1", "--masks", "padding", "--blocks", "16x8",
+                       "--out", str(out)])
+  rows = {r["impl"]: r for r in json.loads(out.read_text())["speed"]}
+  assert rows["ours(chunked 16x8)"]["max_err"] < 1e-5
+  with pytest.raises(SystemExit):
+    attention_core.main(["--blocks", "512"])
+  assert "want BQxBK" in capsys.readouterr().err
+
+
 def test_reference_block_marks_fully_masked_rows():
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((1, 4, 1, 3)) for _ in range(3))

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from attention.masks import causal_mask
+from attention.transposed_matmul import pt_matmul
 
 # Finite stand-in for -inf: exp(NEG_INF - m) underflows to 0 and max() of a
 # fully masked row stays finite, so no inf - inf = NaN can arise.
@@ -276,11 +277,11 @@ def _backward(cfg: _Config, q, k, v, bias, mask, out, lse, dout):
           p = jnp.exp(s - lse_i[..., None])
           if full_mask is not None:
             p = jnp.where(full_mask, p, 0.0)
-          dv_j = ein("bhqk,bhqd->bhkd", p.astype(do_i.dtype), do_i)
+          dv_j = pt_matmul(p.astype(do_i.dtype), do_i, cfg.precision)
           dp = ein("bhqd,bhkd->bhqk", do_i, v_j)
           ds = p * (dp - delta_i[..., None])
           dq_i = dq_i + ein("bhqk,bhkd->bhqd", ds.astype(k_j.dtype), k_j)
-          dk_j = ein("bhqk,bhqd->bhkd", ds.astype(q_i.dtype), q_i)
+          dk_j = pt_matmul(ds.astype(q_i.dtype), q_i, cfg.precision)
           return dq_i, dk_j, dv_j, ds if bias is not None else None
 
         def skip(dq_i):

@@ -4,9 +4,10 @@
 ``flax.linen.dot_product_attention`` (so it can be passed as ``attention_fn``) and
 adds grouped-query attention, ``is_causal`` and a choice of backend:
 
-* ``"xla"``: the textbook formula in plain XLA; supports attention dropout.
-  On CPU, ``is_causal`` attention is split into row blocks that skip the
-  future keys' matmuls (:func:`causal_row_blocks`).
+* ``"xla"``: the textbook formula in plain XLA, with a FlashAttention-style
+  backward pass that saves the probabilities (:mod:`attention.softmax_attention`);
+  supports attention dropout. On CPU, ``is_causal`` attention is split into row
+  blocks that skip the future keys' matmuls (:func:`causal_row_blocks`).
 * ``"chunked"``: online softmax over ``[block_q, block_kv]`` tiles with a
   hand-written backward pass (:mod:`attention.chunked`). Memory is O(T * block)
   in both passes, and tiles that the mask or causality rule out are skipped.
@@ -26,6 +27,8 @@ Conventions shared by every backend:
 * A query row with no key to attend to returns zeros, with zero (finite)
   gradients; ``softmax(all -inf)`` never appears.
 * The softmax runs in float32 whatever the input dtype.
+* Gradients are reverse mode (``jax.grad``, ``jax.vjp``): every backend has a
+  hand-written backward pass, so ``jax.jvp`` through attention is not defined.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from attention.dispatch import (  # noqa: F401  (re-exported)
     BY_MASK, IMPLEMENTATIONS, by_mask, causal_row_blocks, default_implementation,
     mask_within_causal)
 from attention.masks import as_bool_mask, causal_mask, masked_softmax
+from attention.softmax_attention import softmax_attention
 
 Array = jax.Array
 
@@ -200,20 +204,18 @@ def _xla(query, key, value, bias, mask, is_causal, scale, precision,
     # depend on the blocking.
     keep = _dropout.keep_mask(dropout_rng, dropout_rate, shape)
   blocks = causal_row_blocks(q_len, kv_len) if is_causal else [(0, q_len, kv_len)]
+  scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+  qh = qh * jnp.asarray(scale, qh.dtype)
+  keep_scale = _dropout.keep_scale(dropout_rate) if keep is not None else 1.0
   outs = []
   for start, stop, kv_end in blocks:
     block_mask = _rows(mask, start, stop, kv_end)
     if is_causal:
       block_mask = _and(block_mask, causal_mask(stop - start, kv_end, q_offset=start))
-    probs = _probs(qh[..., start:stop, :], kh[..., :kv_end, :],
-                   _rows(bias, start, stop, kv_end), block_mask, scale, precision)
-    if keep is not None:
-      probs = jnp.where(_rows(keep, start, stop, kv_end),
-                        probs * _dropout.keep_scale(dropout_rate), 0.0)
-    outs.append(jnp.einsum(
-        "...hqk,...hkd->...hqd", probs.astype(value.dtype), vh[..., :kv_end, :],
-        precision=precision, preferred_element_type=jnp.float32,
-    ))
+    outs.append(softmax_attention(
+        qh[..., start:stop, :], kh[..., :kv_end, :], vh[..., :kv_end, :],
+        _rows(bias, start, stop, kv_end), block_mask, _rows(keep, start, stop, kv_end),
+        keep_scale, precision))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-2)
   return jnp.swapaxes(out, -2, -3)
 

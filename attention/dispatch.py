@@ -178,32 +178,32 @@ def by_mask(attend: Callable[..., Array], query, key, value, bias, mask, *,
   :func:`default_implementation` for the rule.
 
   Every candidate is compiled and ``lax.switch`` runs one. Under ``jax.grad``
-  the branches not taken still hand back their residuals, as zeros: "xla"'s are
-  ``[batch, heads, q, k]`` arrays, so the "xla" branches are rematerialised and
-  save only their inputs. Measured fwd+bwd on CPU: B=1 H=8 T=2048 half-padded,
-  tiled 194 ms, cond 276 ms, cond with remat 209 ms; B=4 T=1024 padded, "xla"
-  451 ms, cond with remat 447 ms (the recompute costs no more than the
-  residuals it avoids writing). A causal mask array, B=4 H=8 T=1024 (T=256):
-  "xla" 349 (24.2) ms, causal branch without remat 224 (25.4) ms, with remat
-  220 (17.8) ms. Under jax.vmap with a batched mask the switch becomes a
-  select and every branch runs: pass ``implementation`` there.
+  the branches not taken still hand back their residuals, as zeros. Since the
+  "xla" backend saves only ``P`` and its output (:mod:`attention.softmax_attention`),
+  that costs less than rematerialising its forward pass: B=4 H=8 T=1024 fwd+bwd
+  (``jax.value_and_grad``) against flax, causal mask array 1.32x with remat and
+  1.81x without; padding mask 0.98x and 1.21x, where "xla" alone is 1.38x
+  (``python -m benchmarks.attention_core --lengths 1024 --masks causal_mask padding``).
+  The switch itself costs about 6% at T=1024 (throw-away script: with one
+  branch fewer, or without the tiled branch, auto took as long). Under jax.vmap
+  with a batched mask the switch becomes a select and every branch runs: pass
+  ``implementation`` there.
   """
   q_len, kv_len = query.shape[-3], key.shape[-3]
 
-  def run(impl, causal, remat):
-    fn = lambda *a: attend(*a, implementation=impl, is_causal=causal, **options)
-    return jax.checkpoint(fn) if remat else fn
+  def run(impl, causal):
+    return lambda *a: attend(*a, implementation=impl, is_causal=causal, **options)
 
-  branches = [run("xla", is_causal, True)]
+  branches = [run("xla", is_causal)]
   index = jnp.int32(0)
   xla_share = _xla_work_fraction(q_len, kv_len, is_causal)
   if _may_split_mask(query, key, mask, is_causal):
     within = mask_within_causal(mask, q_len, kv_len)
-    branches.append(run("xla", True, True))
+    branches.append(run("xla", True))
     index = jnp.where(within, len(branches) - 1, index)
     xla_share = jnp.where(within, _xla_work_fraction(q_len, kv_len, True), xla_share)
   if min(q_len, kv_len) >= _CHUNKED_MIN_LEN:
-    branches.append(run("chunked", is_causal, False))
+    branches.append(run("chunked", is_causal))
     chunked = _prefers_chunked(query, key, mask, is_causal=is_causal,
                                block_q=options["block_q"],
                                block_kv=options["block_kv"], xla_share=xla_share)

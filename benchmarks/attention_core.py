@@ -10,7 +10,10 @@ against ``flax.linen.dot_product_attention`` measured in the same run.
 
 FLOPs: forward = 4·B·H·Tq·Tk·D (two matmuls), halved when causal; forward +
 backward counts 3.5× that (the backward pass does five matmuls of the same size).
-The backward pass gets a dense random output cotangent, as in training (see _loss).
+The backward pass gets a dense random output cotangent, as in training (see _loss),
+and fwd+bwd times ``jax.value_and_grad``: the loss value needs the attention output.
+With ``jax.grad`` alone, XLA drops the forward ``P v`` product, because a loss linear in
+the output needs no output for its gradient. A training step always computes it.
 Max error: against float64 numpy on example 0, head 0, over the query rows that
 attend at least one key (padded queries have no softmax; flax fills them with the
 mean of the values, ours with zeros).
@@ -145,7 +148,7 @@ def run_speed(args):
       compiled, errors = {}, {}
       for name, fn in impls.items():
         fwd = jax.jit(lambda q, k, v, m, fn=fn: fn(q, k, v, m, kind))
-        grad = jax.jit(jax.grad(lambda q, k, v, m, c, fn=fn: _loss(
+        grad = jax.jit(jax.value_and_grad(lambda q, k, v, m, c, fn=fn: _loss(
             fn(q, k, v, m, kind), c), argnums=(0, 1, 2)))
         try:
           out = fwd(q, k, v, mask)
@@ -184,8 +187,8 @@ def _peak_rss_child(impl, t, heads, head_dim):
   mask = None if impl.startswith("ours") else _mask("causal_mask", 1, t)
   kind = "is_causal" if impl.startswith("ours") else "causal_mask"
   cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-  grad = jax.jit(jax.grad(lambda q, k, v, c: _loss(fn(q, k, v, mask, kind), c),
-                          argnums=(0, 1, 2)))
+  grad = jax.jit(jax.value_and_grad(lambda q, k, v, c: _loss(fn(q, k, v, mask, kind), c),
+                                    argnums=(0, 1, 2)))
   jax.block_until_ready(grad(q, k, v, cotangent))
   print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 

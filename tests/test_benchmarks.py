@@ -47,6 +47,20 @@ def test_attention_core_times_requested_tiles(tmp_path, capsys):
   assert "want BQxBK" in capsys.readouterr().err
 
 
+def test_matmul_forms_agree_and_report_ratios(tmp_path):
+  from benchmarks import matmul_forms
+  out = tmp_path / "forms.json"
+  matmul_forms.main(["--length", "16", "--batch_heads", "2", "--head_dim", "4",
+                     "--repeats", "1", "--out", str(out)])
+  res = json.loads(out.read_text())
+  assert res["max_abs_diff"] < 1e-5
+  rows = {r["form"]: r for r in res["rows"]}
+  assert set(rows) == {"einsum", "pt_matmul", "P x (peer)"}
+  assert rows["einsum"]["speedup"] == 1.0
+  r = rows["pt_matmul"]
+  assert r["gflops"] == pytest.approx(2 * 2 * 16 * 16 * 4 / (r["ms"] / 1e3) / 1e9)
+
+
 def test_reference_block_marks_fully_masked_rows():
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((1, 4, 1, 3)) for _ in range(3))

@@ -54,6 +54,15 @@ _XLA_MAX_BYTES = 512 * 2**20
 _CHUNKED_TILE_COST = 0.9
 _CHUNKED_TILE_COST_HUGE_PAGES = 1.2
 
+# What taking the tiled branch of by_mask's lax.switch costs on top of its tiles,
+# as a share of "xla"'s time: under jax.grad the "xla" branches not taken still
+# write their [B, H, T, T] residuals, as zeros. Measured fwd+bwd, auto (tiles
+# taken) minus the tiled backend alone, over "xla": 4 KiB pages, B=4 T=1024
+# padding, (652 - 459) / 543 = 0.36; huge pages, B=1 T=2048 half-padded,
+# (144 - 114) / 364 = 0.08 (`python -m benchmarks.attention_core`, 2026-11-25).
+_SWITCH_ZEROS_COST = 0.35
+_SWITCH_ZEROS_COST_HUGE_PAGES = 0.1
+
 # What default_implementation returns when the mask's contents decide.
 BY_MASK = "by mask"
 
@@ -86,8 +95,9 @@ def default_implementation(
   ``is_causal``, else ``"xla"``. With a mask array:
 
   * at least 512 tokens: the tiled backend if the tiles it would compute
-    (:func:`attention.chunked.occupied_tile_fraction`) cost less than the
-    logits ``"xla"`` computes;
+    (:func:`attention.chunked.occupied_tile_fraction`), plus the zero residuals
+    the switch writes for the ``"xla"`` branches (:data:`_SWITCH_ZEROS_COST`),
+    cost less than the logits ``"xla"`` computes;
   * otherwise ``"xla"``; when the mask has a query axis, allows no key after
     its query (:func:`mask_within_causal`, e.g. ``make_causal_mask``) and the
     sequence is long enough for :func:`causal_row_blocks`, with the row blocks
@@ -162,12 +172,17 @@ def _prefers_chunked(query, key, mask, *, is_causal=False, block_q=None,
       query, key, mask, is_causal=is_causal, block_q=block_q, block_kv=block_kv)
   if xla_share is None:
     xla_share = _xla_work_fraction(query.shape[-3], key.shape[-3], is_causal)
-  return occupied * _tile_cost() < xla_share
+  return occupied * _tile_cost() + _switch_zeros_cost() < xla_share
 
 
 def _tile_cost() -> float:
   """The tiled backend's fwd+bwd cost per tile over "xla"'s, for this process's pages."""
   return _CHUNKED_TILE_COST_HUGE_PAGES if _huge_pages.active() else _CHUNKED_TILE_COST
+
+
+def _switch_zeros_cost() -> float:
+  """Extra cost of the tiled branch of ``by_mask`` over "xla"'s time (zero residuals)."""
+  return _SWITCH_ZEROS_COST_HUGE_PAGES if _huge_pages.active() else _SWITCH_ZEROS_COST
 
 
 def by_mask(attend: Callable[..., Array], query, key, value, bias, mask, *,

@@ -3,10 +3,11 @@
 The backward pass of attention needs two products that contract the *query*
 axis, the leading axis of a ``[q, k]`` matrix: ``dV = Pᵀ dO`` and
 ``dK = dSᵀ Q``. XLA:CPU runs that transposed-operand form at about a third of
-the speed of a plain ``[m, k] @ [k, n]`` matmul: 103 against 38 ms for
-``[32, 1024, 1024]ᵀ @ [32, 1024, 64]`` on this repo's 2-core CPU, which made
-these two products more than half of an attention fwd+bwd
-(``python -m benchmarks.matmul_forms``).
+the speed of a plain ``[m, k] @ [k, n]`` matmul. For ``[32, 1024, 1024]ᵀ @
+[32, 1024, 64]`` on this repo's 2-core CPU it took 113 ms, against 40 ms for the plain
+product with the same FLOPs and 57 ms for :func:`pt_matmul`
+(``python -m benchmarks.matmul_forms``, 2026-11-25). Before, these two products
+were about half of an attention fwd+bwd.
 
 :func:`pt_matmul` computes the transposed result ``xᵀ p`` (``[d, k]``)
 instead. There the big operand ``p`` is in the plain ``[contracted, n]``

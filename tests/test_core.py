@@ -302,16 +302,28 @@ def test_auto_with_mask_array_picks_backend_from_empty_tiles(monkeypatch):
       np.testing.assert_allclose(np.asarray(g), r, atol=5e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("huge,chunked", [(False, True), (True, False)])
-def test_auto_tile_cost_follows_huge_pages(monkeypatch, huge, chunked):
-  """7 of 8 tiles occupied: 0.875 x 0.9 < 1 takes "chunked", 0.875 x 1.2 > 1 "xla"."""
+@pytest.mark.parametrize("huge", [False, True])
+def test_auto_tile_cost_follows_huge_pages(monkeypatch, huge):
+  """7 of 8 tiles occupied: 0.875 x 0.9 + 0.35 and 0.875 x 1.2 + 0.1 both exceed 1,
+  "xla"; 5 of 8: 0.91 and 0.85, "chunked". The zero-residual term decides the
+  first case with 4 KiB pages, and it follows the page mode."""
   monkeypatch.setattr(dispatch._huge_pages, "active", lambda: huge)
   q = k = jnp.zeros((1, 1024, 32, 8))                  # default tiles 512 x 256
   allowed = np.ones((1024, 1024), bool)
   allowed[512:, 768:] = False                           # 1 of the 2 x 4 tiles empty
   mask = jnp.asarray(allowed[None, None])
   assert float(_chunked.occupied_tile_fraction(q, k, mask)) == 0.875
-  assert bool(dispatch._prefers_chunked(q, k, mask)) is chunked
+  assert not bool(dispatch._prefers_chunked(q, k, mask))
+  monkeypatch.setattr(dispatch, "_SWITCH_ZEROS_COST", 0.0)
+  monkeypatch.setattr(dispatch, "_SWITCH_ZEROS_COST_HUGE_PAGES", 0.0)
+  assert bool(dispatch._prefers_chunked(q, k, mask)) is (not huge)
+  monkeypatch.undo()
+  monkeypatch.setattr(dispatch._huge_pages, "active", lambda: huge)
+  allowed[:512, 768:] = False
+  allowed[512:, 512:] = False                           # 3 of 8 tiles empty
+  mask = jnp.asarray(allowed[None, None])
+  assert float(_chunked.occupied_tile_fraction(q, k, mask)) == 0.625
+  assert bool(dispatch._prefers_chunked(q, k, mask))
 
 
 def test_usable_as_flax_attention_fn():

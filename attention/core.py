@@ -45,8 +45,8 @@ from attention import dropout as _dropout
 from attention.dispatch import (  # noqa: F401  (re-exported)
     BY_MASK, IMPLEMENTATIONS, by_mask, causal_row_blocks, default_implementation,
     mask_within_causal)
-from attention.masks import as_bool_mask, causal_mask, masked_softmax
-from attention.softmax_attention import softmax_attention
+from attention.masks import as_bool_mask, causal_mask
+from attention.softmax_attention import attention_probs, softmax_attention
 
 Array = jax.Array
 
@@ -147,29 +147,25 @@ def dot_product_attention_weights(
   mask = as_bool_mask(mask)
   if is_causal:
     mask = _and(mask, causal_mask(query.shape[-3], key.shape[-3]))
-  return _probs(_heads_first(query), _heads_first(key), bias, mask, scale, precision)
+  return attention_probs(_scaled(_heads_first(query), scale), _heads_first(key), bias,
+                         mask, precision)
 
 
 def _heads_first(x: Array) -> Array:
-  """``[..., length, heads, dim]`` -> ``[..., heads, length, dim]``."""
+  """``[..., length, heads, dim]`` -> ``[..., heads, length, dim]``.
+
+  One transpose per input up front instead of the per-matmul relayouts XLA
+  inserts for ``...qhd,...khd`` einsums, which made fwd+bwd ~1.3x slower on
+  CPU (benchmarks/attention_core.py).
+  """
   return jnp.swapaxes(x, -2, -3)
 
 
-def _probs(qh, kh, bias, mask, scale, precision):
-  """float32 softmax weights ``[..., heads, q, k]`` from heads-first q and k.
-
-  Heads-first operands: one transpose per input up front instead of the
-  per-matmul relayouts XLA inserts for ``...qhd,...khd`` einsums, which made
-  fwd+bwd ~1.3x slower on CPU (benchmarks/attention_core.py).
-  """
+def _scaled(qh: Array, scale: float | None) -> Array:
+  """Heads-first queries times the logit scale (default ``1/sqrt(head_dim)``)."""
   scale = 1.0 / math.sqrt(qh.shape[-1]) if scale is None else scale
-  logits = jnp.einsum(
-      "...hqd,...hkd->...hqk", qh * jnp.asarray(scale, qh.dtype), kh,
-      precision=precision, preferred_element_type=jnp.float32,
-  )
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  return masked_softmax(logits, mask)
+  return qh * jnp.asarray(scale, qh.dtype)
+
 
 def _rows(x: Array | None, start: int, stop: int, kv_end: int) -> Array | None:
   """Rows ``[start, stop)`` and keys ``[0, kv_end)`` of a broadcastable mask/bias."""
@@ -204,8 +200,7 @@ def _xla(query, key, value, bias, mask, is_causal, scale, precision,
     # depend on the blocking.
     keep = _dropout.keep_mask(dropout_rng, dropout_rate, shape)
   blocks = causal_row_blocks(q_len, kv_len) if is_causal else [(0, q_len, kv_len)]
-  scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-  qh = qh * jnp.asarray(scale, qh.dtype)
+  qh = _scaled(qh, scale)
   keep_scale = _dropout.keep_scale(dropout_rate) if keep is not None else 1.0
   outs = []
   for start, stop, kv_end in blocks:

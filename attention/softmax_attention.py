@@ -41,15 +41,28 @@ from attention.transposed_matmul import pt_matmul
 Array = jax.Array
 
 
-def _forward(q, k, v, bias, mask, keep, keep_scale, precision):
+def attention_probs(q: Array, k: Array, bias: Array | None, mask: Array | None,
+                    precision: Any = None) -> Array:
+  """float32 softmax weights ``[..., heads, q_len, kv_len]`` of heads-first, pre-scaled q.
+
+  Fully masked rows are all zeros (:func:`attention.masks.masked_softmax`).
+  """
   logits = jnp.einsum("...qd,...kd->...qk", q, k,
                       precision=precision, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
-  probs = masked_softmax(logits, mask)
-  weights = probs if keep is None else jnp.where(keep, probs * keep_scale, 0.0)
-  out = jnp.einsum("...qk,...kd->...qd", weights.astype(v.dtype), v,
-                   precision=precision, preferred_element_type=jnp.float32)
+  return masked_softmax(logits, mask)
+
+
+def _dropped(x: Array, keep: Array | None, keep_scale: float) -> Array:
+  """``x`` with dropout's pattern applied: kept entries scaled, the rest 0."""
+  return x if keep is None else jnp.where(keep, x * keep_scale, 0.0)
+
+
+def _forward(q, k, v, bias, mask, keep, keep_scale, precision):
+  probs = attention_probs(q, k, bias, mask, precision)
+  out = jnp.einsum("...qk,...kd->...qd", _dropped(probs, keep, keep_scale).astype(v.dtype),
+                   v, precision=precision, preferred_element_type=jnp.float32)
   return out, probs
 
 
@@ -98,11 +111,8 @@ def _bwd(keep_scale, precision, residuals, dout):
   einsum = functools.partial(jnp.einsum, precision=precision,
                              preferred_element_type=jnp.float32)
   dout_v = dout.astype(v.dtype)
-  weights = probs if keep is None else jnp.where(keep, probs * keep_scale, 0.0)
-  dv = pt_matmul(weights.astype(v.dtype), dout_v, precision)
-  dprobs = einsum("...qd,...kd->...qk", dout_v, v)
-  if keep is not None:
-    dprobs = jnp.where(keep, dprobs * keep_scale, 0.0)
+  dv = pt_matmul(_dropped(probs, keep, keep_scale).astype(v.dtype), dout_v, precision)
+  dprobs = _dropped(einsum("...qd,...kd->...qk", dout_v, v), keep, keep_scale)
   delta = jnp.sum(dout.astype(jnp.float32) * out, axis=-1, keepdims=True)
   dlogits = probs * (dprobs - delta)
   dq = einsum("...qk,...kd->...qd", dlogits.astype(k.dtype), k)

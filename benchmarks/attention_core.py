@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attention import huge_pages
+from benchmarks import device_info
 
 
 def _peers(blocks=()):
@@ -251,9 +252,10 @@ def main(argv=None):
     impl, t, h, d = args._child
     return _peak_rss_child(impl, int(t), int(h), int(d))
   hp = huge_pages.active()
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__},"
+  device = device_info.describe()
+  print(f"device: {device} ({jax.default_backend()}), jax {jax.__version__},"
         f" host huge pages {'on' if hp else 'off'}")
-  result = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+  result = {"device": device, "backend": jax.default_backend(),
             "huge_pages": hp,
             "args": {k: v for k, v in vars(args).items() if k != "_child"}}
   if not args.memory_only:

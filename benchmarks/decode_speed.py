@@ -23,6 +23,7 @@ import numpy as np
 
 from attention import decoding
 from attention import models as M
+from benchmarks import device_info
 
 VOCAB = 8000
 
@@ -61,7 +62,8 @@ def main(argv=None):
   args = p.parse_args(argv)
   src = sources(args.batch)
   rows = []
-  print(f"device {jax.devices()[0].device_kind}; batch {args.batch}; output steps <= "
+  device = device_info.describe()
+  print(f"device {device}; batch {args.batch}; output steps <= "
         f"{16 + args.max_extra}")
   for name in args.models:
     model = build(name)
@@ -86,7 +88,7 @@ def main(argv=None):
             flush=True)
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "args": vars(args), "rows": rows}, f,
+    json.dump({"device": device, "args": vars(args), "rows": rows}, f,
               indent=1)
   print(f"wrote {args.out}")
 

@@ -37,6 +37,7 @@ def main(argv=None) -> int:
 
   from attention import huge_pages
   from attention.transposed_matmul import pt_matmul
+  from benchmarks import device_info
   from benchmarks.attention_core import _time_interleaved
 
   rng = np.random.default_rng(0)
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
   err = float(np.max(np.abs(np.asarray(fns["pt_matmul"](probs, x)) - want)))
   times = _time_interleaved(fns, (probs, x), args.repeats)
   flops = 2 * n * t * t * d
-  print(f"{jax.default_backend()}, huge pages {'on' if huge_pages.active() else 'off'};"
+  device = device_info.describe()
+  print(f"{device} ({jax.default_backend()}), huge pages {'on' if huge_pages.active() else 'off'};"
         f" P [{n}, {t}, {t}], x [{n}, {t}, {d}]; pt_matmul max |diff| vs einsum {err:.1e}")
   rows = []
   for name, sec in times.items():
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
           f"  x{times['einsum'] / sec:4.2f} vs einsum")
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump(dict(args=vars(args), max_abs_diff=err, rows=rows), f, indent=1)
+    json.dump(dict(device=device, args=vars(args), max_abs_diff=err, rows=rows), f, indent=1)
   return 0
 
 

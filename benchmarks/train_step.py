@@ -52,6 +52,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from attention import huge_pages
+from benchmarks import device_info
 
 SIZES = {  # emb_dim, num_layers, num_heads, mlp_dim, vocab (as experiments.configs)
     "tiny": (64, 2, 4, 128, 1024),
@@ -220,7 +221,7 @@ def main(argv=None):
       attention_dropout_rate=args.dropout)
   models = {"flax": FlaxTransformer(FlaxTransformerConfig.from_ours(ours_cfg)),
             "ours": Transformer(ours_cfg)}
-  device = jax.devices()[0].device_kind
+  device = device_info.describe()
   print(f"device: {device} ({jax.default_backend()}), jax {jax.__version__}; size={args.size}"
         f" d={d} layers={layers} heads={heads} mlp={mlp} vocab={vocab} batch={args.batch}"
         f" S={args.src_len} T={args.tgt_len} dtype={args.dtype}"

@@ -61,6 +61,36 @@ def test_matmul_forms_agree_and_report_ratios(tmp_path):
   assert r["gflops"] == pytest.approx(2 * 2 * 16 * 16 * 4 / (r["ms"] / 1e3) / 1e9)
 
 
+_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 26
+model\t\t: 2
+model name\t: AMD EPYC
+flags\t\t: fpu avx avx2 fma avx512f avx512bw
+
+processor\t: 1
+model name\t: some other name
+"""
+
+
+def test_cpu_description_names_model_cpus_and_vector_unit():
+  from benchmarks.device_info import cpu_description
+  assert cpu_description(_CPUINFO, 2) == "AMD EPYC (family 26, model 2), 2 CPUs, AVX-512"
+  avx2 = _CPUINFO.replace(" avx512f avx512bw", "")
+  assert cpu_description(avx2, 1) == "AMD EPYC (family 26, model 2), 1 CPU, AVX2"
+  assert cpu_description("", 4) == "unknown CPU, 4 CPUs"
+
+
+def test_benchmark_json_names_the_cpu(tmp_path):
+  from benchmarks import device_info, matmul_forms
+  out = tmp_path / "forms.json"
+  matmul_forms.main(["--length", "8", "--batch_heads", "1", "--head_dim", "4",
+                     "--repeats", "1", "--out", str(out)])
+  device = json.loads(out.read_text())["device"]
+  assert device == device_info.describe()
+  assert "CPU" in device and device != "cpu"
+
+
 def test_reference_block_marks_fully_masked_rows():
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((1, 4, 1, 3)) for _ in range(3))

@@ -2,8 +2,9 @@
 
 ``jax.devices()[0].device_kind`` names an accelerator ("NVIDIA H100 80GB HBM3")
 but says only "cpu" for a CPU, and CPU figures differ several-fold between
-machines: an attention fwd+bwd at B=4, T=1024 took 410 ms on one 2-core
-machine of this repo and 146 ms on the next, with AVX-512 (RESULTS.md). So on
+machines: flax's attention fwd+bwd at B=4, T=1024 with a padding mask took
+451 ms on one 2-core machine of this repo and 146-158 ms on the next, with
+AVX-512 (``python -m benchmarks.attention_core``, RESULTS.md). So on
 CPU the description names the processor, its family/model numbers (the model
 name of a virtual machine is often just "AMD EPYC"), the CPUs this process may
 run on, and the widest vector unit.

@@ -340,11 +340,20 @@ def _flash(cfg, q, k, v, bias, mask):
 
 def _flash_fwd(cfg, q, k, v, bias, mask):
   out, lse = _forward(cfg, q, k, v, bias, mask)
-  return out, (q, k, v, bias, mask, out, lse)
+  # q and out saved as [B, heads, T, D] (a bitcast of [B, kv_heads, groups, T, D]):
+  # under implementation=None's lax.switch, a residual with the shape of one the
+  # "xla" branch saves shares its slot instead of being written as zeros there.
+  return out, (_heads_4d(q), k, v, bias, mask, _heads_4d(out), lse)
+
+
+def _heads_4d(x):
+  return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
 
 
 def _flash_bwd(cfg, res, dout):
   q, k, v, bias, mask, out, lse = res
+  q = q.reshape(dout.shape[:3] + q.shape[2:])
+  out = out.reshape(dout.shape)
   dq, dk, dv, dbias = _backward(cfg, q, k, v, bias, mask, out, lse, dout)
   dbias = None if bias is None else dbias.astype(bias.dtype)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias, None

@@ -167,15 +167,6 @@ def _scaled(qh: Array, scale: float | None) -> Array:
   return qh * jnp.asarray(scale, qh.dtype)
 
 
-def _rows(x: Array | None, start: int, stop: int, kv_end: int) -> Array | None:
-  """Rows ``[start, stop)`` and keys ``[0, kv_end)`` of a broadcastable mask/bias."""
-  if x is None:
-    return None
-  if x.ndim >= 2 and x.shape[-2] != 1:
-    x = x[..., start:stop, :]
-  return x if x.shape[-1] == 1 else x[..., :kv_end]
-
-
 def _xla(query, key, value, bias, mask, is_causal, scale, precision,
          dropout_rng, dropout_rate, broadcast_dropout, deterministic):
   # GQA by repeating kv heads: the [q, k] logits dominate memory anyway, and
@@ -199,19 +190,10 @@ def _xla(query, key, value, bias, mask, is_causal, scale, precision,
     # Drawn whole and then cut per row block, so the pattern does not
     # depend on the blocking.
     keep = _dropout.keep_mask(dropout_rng, dropout_rate, shape)
-  blocks = causal_row_blocks(q_len, kv_len) if is_causal else [(0, q_len, kv_len)]
   qh = _scaled(qh, scale)
   keep_scale = _dropout.keep_scale(dropout_rate) if keep is not None else 1.0
-  outs = []
-  for start, stop, kv_end in blocks:
-    block_mask = _rows(mask, start, stop, kv_end)
-    if is_causal:
-      block_mask = _and(block_mask, causal_mask(stop - start, kv_end, q_offset=start))
-    outs.append(softmax_attention(
-        qh[..., start:stop, :], kh[..., :kv_end, :], vh[..., :kv_end, :],
-        _rows(bias, start, stop, kv_end), block_mask, _rows(keep, start, stop, kv_end),
-        keep_scale, precision))
-  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-2)
+  blocks = tuple(causal_row_blocks(q_len, kv_len)) if is_causal else None
+  out = softmax_attention(qh, kh, vh, bias, mask, keep, keep_scale, precision, blocks)
   return jnp.swapaxes(out, -2, -3)
 
 

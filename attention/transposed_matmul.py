@@ -48,3 +48,39 @@ def pt_matmul(p: Array, x: Array, precision: Any = None) -> Array:
   xt_p = jnp.einsum("...qd,...qk->...dk", x, p, precision=precision,
                     preferred_element_type=jnp.float32)
   return jnp.swapaxes(jax.lax.optimization_barrier(xt_p), -1, -2)
+
+
+def pt_matmul_sum(ps: list[Array], xs: list[Array], length: int,
+                  precision: Any = None) -> Array:
+  """``Σᵢ pᵢᵀ @ xᵢ`` where ``pᵢ`` covers the first ``pᵢ.shape[-1]`` of ``length`` rows.
+
+  The key-gradients of attention computed by row blocks: block ``i`` sees keys
+  ``[0, kv_endᵢ)`` only. On CPU the ``xᵢᵀ pᵢ`` products are zero-padded and
+  summed in the ``[d, k]`` layout and transposed back once, instead of once per
+  block (causal mask, B=4 H=8 T=1024, 8 blocks: the summing fusion took 13.9 ms
+  with per-block transposes).
+
+  Args:
+    ps: ``[..., q_i, k_i]`` arrays, ``k_i <= length``.
+    xs: ``[..., q_i, d]`` arrays, one per ``ps`` entry.
+    length: the summed result's row count.
+    precision: matmul precision, as for ``jnp.einsum``.
+
+  Returns:
+    ``[..., length, d]`` float32.
+  """
+  cpu = jax.default_backend() == "cpu"
+  total = None
+  for p, x in zip(ps, xs):
+    if cpu:
+      part = jnp.einsum("...qd,...qk->...dk", x, p, precision=precision,
+                        preferred_element_type=jnp.float32)
+      part = jax.lax.optimization_barrier(part)
+      widths = [(0, 0)] * (part.ndim - 1) + [(0, length - part.shape[-1])]
+    else:
+      part = jnp.einsum("...qk,...qd->...kd", p, x, precision=precision,
+                        preferred_element_type=jnp.float32)
+      widths = [(0, 0)] * (part.ndim - 2) + [(0, length - part.shape[-2]), (0, 0)]
+    part = jnp.pad(part, widths) if any(w for _, w in widths) else part
+    total = part if total is None else total + part
+  return jnp.swapaxes(total, -1, -2) if cpu else total

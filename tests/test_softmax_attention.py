@@ -136,3 +136,71 @@ def test_pt_matmul_equals_einsum_on_both_paths(monkeypatch, backend):
   want = np.einsum("...qk,...qd->...kd", p.astype(np.float64), x.astype(np.float64))
   assert got.shape == (2, 3, 5, 4) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_dropout", [False, True])
+def test_causal_row_blocks_match_float64(with_dropout):
+  """``causal_blocks``: one custom VJP over row blocks, each against its key
+  prefix, equals causal attention in float64 (values and all gradients), with
+  more keys than queries (keys 7 and 8 are seen by no query: zero gradient)."""
+  rng = np.random.default_rng(5)
+  b, h, t, s, d = 2, 2, 7, 9, 4
+  q, k, v, dout = (rng.normal(size=shape).astype(np.float32) for shape in
+                   ((b, h, t, d), (b, h, s, d), (b, h, s, d), (b, h, t, d)))
+  bias = rng.normal(size=(1, h, t, s)).astype(np.float32)
+  mask = rng.random((b, 1, t, s)) < 0.8
+  mask[0, 0, 4, :5] = False  # query 4 of example 0 keeps no key of its causal prefix
+  keep = rng.random((1, 1, t, s)) < 0.8 if with_dropout else None
+  blocks = ((0, 3, 3), (3, 6, 6), (6, 7, 7))
+
+  def loss(q, k, v, bias):
+    out = softmax_attention(q, k, v, bias, mask, keep, 1.25, None, blocks)
+    return jnp.sum(out * dout), out
+
+  (_, out), (dq, dk, dv, dbias) = jax.value_and_grad(
+      loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, bias)
+  causal = np.tril(np.ones((t, s), bool))
+  r_out, r_dq, r_dk, r_dv, r_ds = _reference(q, k, v, bias, mask & causal, keep, 1.25, dout)
+  np.testing.assert_allclose(out, r_out, atol=2e-5, rtol=2e-5)
+  for got, want in ((dq, r_dq), (dk, r_dk), (dv, r_dv), (dbias, _sum_to(r_ds, bias.shape))):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=5e-5)
+  assert np.all(np.asarray(dk)[..., 7:, :] == 0) and np.all(np.asarray(dv)[..., 7:, :] == 0)
+  assert np.all(np.asarray(out)[0, :, 4] == 0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_pt_matmul_sum_adds_key_prefix_products(monkeypatch, backend):
+  """Σᵢ pᵢᵀ xᵢ with each pᵢ over a prefix of the keys, zero-padded to the length."""
+  monkeypatch.setattr(transposed_matmul.jax, "default_backend", lambda: backend)
+  rng = np.random.default_rng(6)
+  ps = [rng.normal(size=(2, 3, 4, n)).astype(np.float32) for n in (2, 5, 7)]
+  xs = [rng.normal(size=(2, 3, 4, 6)).astype(np.float32) for _ in ps]
+  got = jax.jit(lambda ps, xs: transposed_matmul.pt_matmul_sum(ps, xs, 8))(ps, xs)
+  want = np.zeros((2, 3, 8, 6))
+  for p, x in zip(ps, xs):
+    want[..., :p.shape[-1], :] += np.einsum("...qk,...qd->...kd", p.astype(np.float64), x)
+  assert got.shape == (2, 3, 8, 6) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_by_mask_branches_share_q_k_v_out_residuals():
+  """implementation=None with a mask array switches between "xla", "xla" with
+  causal row blocks and the tiled backend. Under jax.grad each branch writes
+  zeros for the residuals only the others save; q, k, v and out (trailing
+  dim D) have one shape in every branch, so none of them is zero-filled."""
+  b, t, h, d = 2, 512, 2, 32
+  q = jnp.ones((b, t, h, d))
+  mask = jnp.ones((b, 1, t, t), bool)
+  loss = lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, mask=mask))  # noqa: E731
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, q, q).jaxpr
+  conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  forward = max(conds, key=lambda e: len(e.outvars))  # the one that returns residuals
+  assert len(forward.params["branches"]) == 3
+  for branch in forward.params["branches"]:
+    eqns = branch.jaxpr.eqns
+    empty = {e.outvars[0] for e in eqns if e.primitive.name.startswith("empty")}
+    zeros = {e.outvars[0] for e in eqns
+             if e.primitive.name == "broadcast_in_dim" and e.invars[0] in empty}
+    zero_filled = [v.aval.shape for v in branch.jaxpr.outvars if v in zeros]
+    assert zero_filled, "every branch lacks some residual of another"
+    assert not [s for s in zero_filled if s[-1] == d], zero_filled

@@ -4,10 +4,11 @@ The backward pass of attention needs two products that contract the *query*
 axis, the leading axis of a ``[q, k]`` matrix: ``dV = Pᵀ dO`` and
 ``dK = dSᵀ Q``. XLA:CPU runs that transposed-operand form at about a third of
 the speed of a plain ``[m, k] @ [k, n]`` matmul. For ``[32, 1024, 1024]ᵀ @
-[32, 1024, 64]`` on this repo's 2-core CPU it took 113 ms, against 40 ms for the plain
-product with the same FLOPs and 57 ms for :func:`pt_matmul`
-(``python -m benchmarks.matmul_forms``, 2026-11-25). Before, these two products
-were about half of an attention fwd+bwd.
+[32, 1024, 64]`` it took 46.1 ms on the 2-core AMD EPYC of
+benchmarks/RESULTS.md, against 10.3 ms for the plain product with the same
+FLOPs and 14.5 ms for :func:`pt_matmul` (113, 40 and 57 ms on the earlier
+machine; ``python -m benchmarks.matmul_forms``, 2026-11-25). Before, these two
+products were about half of an attention fwd+bwd.
 
 :func:`pt_matmul` computes the transposed result ``xᵀ p`` (``[d, k]``)
 instead. There the big operand ``p`` is in the plain ``[contracted, n]``
@@ -18,7 +19,9 @@ recreate the slow form. :mod:`attention.projection` does the same for the weight
 gradient of dense layers.
 
 On other backends the vendor matmul takes transposed operands natively, so
-there it is a plain ``einsum``.
+there it is a plain ``einsum``. :func:`pt_matmul_sum` is the same for a sum of
+such products over row blocks, as the causal row blocks of
+:mod:`attention.softmax_attention` need.
 """
 
 from __future__ import annotations
@@ -45,9 +48,13 @@ def pt_matmul(p: Array, x: Array, precision: Any = None) -> Array:
   if jax.default_backend() != "cpu":
     return jnp.einsum("...qk,...qd->...kd", p, x, precision=precision,
                       preferred_element_type=jnp.float32)
-  xt_p = jnp.einsum("...qd,...qk->...dk", x, p, precision=precision,
+  return jnp.swapaxes(jax.lax.optimization_barrier(_xt_p(p, x, precision)), -1, -2)
+
+
+def _xt_p(p: Array, x: Array, precision: Any) -> Array:
+  """``xᵀ p`` (``[..., d, k]``), the form XLA:CPU runs fast for ``pᵀ x``."""
+  return jnp.einsum("...qd,...qk->...dk", x, p, precision=precision,
                     preferred_element_type=jnp.float32)
-  return jnp.swapaxes(jax.lax.optimization_barrier(xt_p), -1, -2)
 
 
 def pt_matmul_sum(ps: list[Array], xs: list[Array], length: int,
@@ -73,9 +80,7 @@ def pt_matmul_sum(ps: list[Array], xs: list[Array], length: int,
   total = None
   for p, x in zip(ps, xs):
     if cpu:
-      part = jnp.einsum("...qd,...qk->...dk", x, p, precision=precision,
-                        preferred_element_type=jnp.float32)
-      part = jax.lax.optimization_barrier(part)
+      part = jax.lax.optimization_barrier(_xt_p(p, x, precision))
       widths = [(0, 0)] * (part.ndim - 1) + [(0, length - part.shape[-1])]
     else:
       part = jnp.einsum("...qk,...qd->...kd", p, x, precision=precision,

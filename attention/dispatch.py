@@ -207,7 +207,10 @@ def by_mask(attend: Callable[..., Array], query, key, value, bias, mask, *,
   row block's slices of q, k, v and out were too. The "xla" branch's
   zero-filled residuals with a padding mask, B=4 H=8: T=256, 18 buffers
   (15 MiB) before, 4 (5 MiB) now; T=1024, 42 (164 MiB) before, 10 (76 MiB)
-  now (counted in the jaxpr of ``jax.value_and_grad``). Under jax.vmap
+  now (counted in the jaxpr of ``jax.value_and_grad``). The switch still
+  costs: with a padding mask, auto took 111.9 ms against "xla"'s 101.4 at
+  T=1024, and 10.3 against 8.0 at T=256, where a variant with no zero-filled
+  residual at all was still 1.2 ms over (benchmarks/RESULTS.md). Under jax.vmap
   with a batched mask the switch becomes a select and every branch runs: pass
   ``implementation`` there.
   """

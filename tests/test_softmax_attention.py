@@ -44,6 +44,12 @@ def _sum_to(x, shape):
   return x.sum(axis=tuple(a for a, n in enumerate(shape) if n == 1), keepdims=True)
 
 
+def _qkv_dout(rng, b, h, t, s, d):
+  """float32 heads-first q ``[b, h, t, d]``, k and v ``[b, h, s, d]``, and an output cotangent."""
+  return tuple(rng.normal(size=shape).astype(np.float32) for shape in
+               ((b, h, t, d), (b, h, s, d), (b, h, s, d), (b, h, t, d)))
+
+
 def _grads(q, k, v, bias, mask, keep, keep_scale, dout):
   def loss(q, k, v, bias):
     out = softmax_attention(q, k, v, bias, mask, keep, keep_scale)
@@ -59,8 +65,7 @@ def test_values_and_gradients_match_float64(with_dropout):
   a dropout pattern: output, dq, dk, dv and dbias against float64."""
   rng = np.random.default_rng(0)
   b, h, t, s, d = 2, 3, 5, 7, 4
-  q, k, v, dout = (rng.normal(size=shape).astype(np.float32) for shape in
-                   ((b, h, t, d), (b, h, s, d), (b, h, s, d), (b, h, t, d)))
+  q, k, v, dout = _qkv_dout(rng, b, h, t, s, d)
   bias = rng.normal(size=(1, h, t, s)).astype(np.float32)
   mask = rng.random((b, 1, t, s)) < 0.7
   mask[1, 0, 2] = False  # query 2 of example 1 sees no key
@@ -145,8 +150,7 @@ def test_causal_row_blocks_match_float64(with_dropout):
   more keys than queries (keys 7 and 8 are seen by no query: zero gradient)."""
   rng = np.random.default_rng(5)
   b, h, t, s, d = 2, 2, 7, 9, 4
-  q, k, v, dout = (rng.normal(size=shape).astype(np.float32) for shape in
-                   ((b, h, t, d), (b, h, s, d), (b, h, s, d), (b, h, t, d)))
+  q, k, v, dout = _qkv_dout(rng, b, h, t, s, d)
   bias = rng.normal(size=(1, h, t, s)).astype(np.float32)
   mask = rng.random((b, 1, t, s)) < 0.8
   mask[0, 0, 4, :5] = False  # query 4 of example 0 keeps no key of its causal prefix

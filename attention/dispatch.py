@@ -210,7 +210,12 @@ def by_mask(attend: Callable[..., Array], query, key, value, bias, mask, *,
   now (counted in the jaxpr of ``jax.value_and_grad``). The switch still
   costs: with a padding mask, auto took 111.9 ms against "xla"'s 101.4 at
   T=1024, and 10.3 against 8.0 at T=256, where a variant with no zero-filled
-  residual at all was still 1.2 ms over (benchmarks/RESULTS.md). Under jax.vmap
+  residual at all was still 1.2 ms over (benchmarks/RESULTS.md). That cost
+  comes with the backward pass (the forward alone: 0.1 ms at T=256). With row
+  blocks, the backward pass slices q, k and v again across the conditional's
+  boundary, where one program shares the forward's slices; with one product,
+  the same matmuls run slower inside the switch (6.66 against 5.21 ms at
+  T=256, per-op profile). Under jax.vmap
   with a batched mask the switch becomes a select and every branch runs: pass
   ``implementation`` there.
   """

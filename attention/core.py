@@ -45,7 +45,7 @@ from attention import dropout as _dropout
 from attention.dispatch import (  # noqa: F401  (re-exported)
     BY_MASK, IMPLEMENTATIONS, by_mask, causal_row_blocks, default_implementation,
     mask_within_causal)
-from attention.masks import as_bool_mask, causal_mask
+from attention.masks import and_masks, as_bool_mask, causal_mask
 from attention.softmax_attention import attention_probs, softmax_attention
 
 Array = jax.Array
@@ -109,14 +109,6 @@ def grouped(x: Array | None, ndim_batch: int, heads: int, groups: int):
   return x
 
 
-def _and(a: Array | None, b: Array | None) -> Array | None:
-  if a is None:
-    return b
-  if b is None:
-    return a
-  return jnp.logical_and(a, b)
-
-
 def dot_product_attention_weights(
     query: Array,
     key: Array,
@@ -146,7 +138,7 @@ def dot_product_attention_weights(
   key = jnp.repeat(key, groups, axis=-2) if groups > 1 else key
   mask = as_bool_mask(mask)
   if is_causal:
-    mask = _and(mask, causal_mask(query.shape[-3], key.shape[-3]))
+    mask = and_masks(mask, causal_mask(query.shape[-3], key.shape[-3]))
   return attention_probs(_scaled(_heads_first(query), scale), _heads_first(key), bias,
                          mask, precision)
 
@@ -224,7 +216,7 @@ def _cudnn(query, key, value, bias, mask, is_causal, scale):
   if m4 is not None:
     # cuDNN spreads a fully masked row uniformly over its keys; the library-wide
     # contract is zeros, so rows with nothing to attend to are zeroed here.
-    allowed = _and(m4, causal_mask(q.shape[1], k.shape[1]) if is_causal else None)
+    allowed = and_masks(m4, causal_mask(q.shape[1], k.shape[1]) if is_causal else None)
     valid = jnp.any(allowed, axis=-1)  # [b|1, h|1, q]
     valid = jnp.broadcast_to(valid, (q.shape[0], heads, q.shape[1]))
     out = jnp.where(jnp.swapaxes(valid, 1, 2)[..., None], out, 0)

@@ -20,6 +20,16 @@ def as_bool_mask(mask: Array | None) -> Array | None:
   return mask != 0
 
 
+def and_masks(a: Array | None, b: Array | None) -> Array | None:
+  """``a & b`` where None means "no mask". Unlike flax's ``combine_masks``, the
+  two may differ in rank (a ``[q, k]`` causal rule with a ``[B, H, q, k]`` mask)."""
+  if a is None:
+    return b
+  if b is None:
+    return a
+  return jnp.logical_and(a, b)
+
+
 def causal_mask(q_len: int, kv_len: int, q_offset: int = 0) -> Array:
   """``[q_len, kv_len]`` boolean, query i attends keys j <= i (top-left aligned, as jax.nn).
 

@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attention.masks import causal_mask, masked_softmax
+from attention.masks import and_masks, causal_mask, masked_softmax
 from attention.transposed_matmul import pt_matmul_sum
 
 Array = jax.Array
@@ -80,10 +80,7 @@ def _rows(x: Array | None, start: int, stop: int, kv_end: int) -> Array | None:
 def _block_mask(mask, start, stop, kv_end, causal):
   """The mask of one row block, with the causal rule when ``causal``."""
   mask = _rows(mask, start, stop, kv_end)
-  if not causal:
-    return mask
-  rule = causal_mask(stop - start, kv_end, q_offset=start)
-  return rule if mask is None else mask & rule
+  return and_masks(mask, causal_mask(stop - start, kv_end, q_offset=start)) if causal else mask
 
 
 def _forward(q, k, v, bias, mask, keep, keep_scale, precision, blocks):

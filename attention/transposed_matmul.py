@@ -45,10 +45,7 @@ def pt_matmul(p: Array, x: Array, precision: Any = None) -> Array:
   Returns:
     ``[..., k, d]`` float32.
   """
-  if jax.default_backend() != "cpu":
-    return jnp.einsum("...qk,...qd->...kd", p, x, precision=precision,
-                      preferred_element_type=jnp.float32)
-  return jnp.swapaxes(jax.lax.optimization_barrier(_xt_p(p, x, precision)), -1, -2)
+  return pt_matmul_sum([p], [x], p.shape[-1], precision)
 
 
 def _xt_p(p: Array, x: Array, precision: Any) -> Array:

@@ -24,9 +24,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from attention.masks import causal_mask
+from attention.masks import as_bool_mask, causal_mask
 from attention.transposed_matmul import pt_matmul
 
 # Finite stand-in for -inf: exp(NEG_INF - m) underflows to 0 and max() of a
@@ -381,9 +382,25 @@ def _pad_axis(x, axis, new_len, value):
   return jnp.pad(x, widths, constant_values=value)
 
 
+def check_block(name: str, block) -> None:
+  """Raises unless ``block`` is None (the default tile) or an int >= 1.
+
+  Checked rather than trusted: ``block or default`` would silently turn 0
+  into the default, and a negative side would fail deep inside a reshape.
+  """
+  if block is None:
+    return
+  if isinstance(block, (bool, np.bool_)) or not isinstance(block, (int, np.integer)):
+    raise TypeError(f"{name} must be an int or None, got {block!r}.")
+  if block < 1:
+    raise ValueError(f"{name}={block} must be >= 1; pass None for the default tile.")
+
+
 def _tiling(batch_heads, q_len, kv_len, block_q, block_kv):
   """``(block_q, block_kv, q_pad, k_pad)``: tile sides (default, capped at the
   lengths) and the lengths padded to whole tiles."""
+  check_block("block_q", block_q)
+  check_block("block_kv", block_kv)
   auto_q, auto_kv = default_block(batch_heads)
   bq, bk = min(block_q or auto_q, q_len), min(block_kv or auto_kv, kv_len)
   return bq, bk, _ceil_div(q_len, bq) * bq, _ceil_div(kv_len, bk) * bk
@@ -430,18 +447,29 @@ def attention(query, key, value, bias=None, mask=None, *, is_causal=False, scale
     key: ``[batch..., kv_len, kv_heads, head_dim]``.
     value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
     bias: optional, broadcastable to ``[batch..., heads, q_len, kv_len]``.
-    mask: optional boolean, broadcastable like ``bias``; True = attend.
-    is_causal: top-left aligned causal attention; future key blocks are skipped.
+    mask: optional boolean (or float 0/1, nonzero = attend), broadcastable
+      like ``bias``; True = attend.
+    is_causal: top-left aligned causal attention (a Python bool); future key
+      blocks are skipped.
     scale: logit scale, default ``1/sqrt(head_dim)``.
-    block_q: query tile (default :func:`default_block`, capped at q_len).
-    block_kv: key tile (default :func:`default_block`, capped at kv_len).
+    block_q: query tile, >= 1 (default :func:`default_block`, capped at q_len).
+    block_kv: key tile, >= 1 (default :func:`default_block`, capped at kv_len).
     precision: matmul precision.
 
   Returns:
     ``[batch..., q_len, heads, v_head_dim]``.
   """
-  from attention.core import grouped  # local: core imports this module
+  # local: core imports this module
+  from attention.core import check_is_causal, check_mask_shape, grouped
 
+  # The same checks as dot_product_attention's, for direct callers: tiles
+  # slice a mask/bias by its trailing dims, so a wrong shape gives wrong
+  # values rather than an error.
+  check_is_causal(is_causal)
+  mask = as_bool_mask(mask)
+  bias = None if bias is None else jnp.asarray(bias)
+  check_mask_shape("mask", mask, query, key)
+  check_mask_shape("bias", bias, query, key)
   batch = jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3])
   nb = len(batch)
   q_len, heads, d = query.shape[-3:]

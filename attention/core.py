@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from attention import chunked as _chunked
@@ -83,6 +84,53 @@ def _check_shapes(query: Array, key: Array, value: Array) -> None:
         f"batch dims of query {query.shape[:-3]} and key {key.shape[:-3]} do"
         " not broadcast."
     ) from None
+
+
+_SHAPE_HINTS = {
+    "mask": "a padding mask is [batch, 1, 1, kv_len] (flax.linen.make_attention_mask)",
+    "bias": "a per-head bias is [heads, q_len, kv_len] or [batch, heads, q_len, kv_len]",
+}
+
+
+def check_mask_shape(name: str, x: Array | None, query: Array, key: Array) -> None:
+  """Raises unless ``x`` broadcasts to ``[batch..., heads, q_len, kv_len]``.
+
+  Checked up front for every backend: the tiled backend slices and pads a
+  mask/bias by its trailing dims, so a ``[batch, kv_len]`` padding mask with
+  ``batch == q_len`` would otherwise be taken as ``[q_len, kv_len]`` and give
+  wrong values silently, and "xla" would broadcast a higher-rank mask into a
+  higher-rank output.
+
+  Args:
+    name: ``"mask"`` or ``"bias"``, for the message.
+    x: the mask or bias, or None.
+    query: ``[batch..., q_len, heads, head_dim]``.
+    key: ``[batch..., kv_len, kv_heads, head_dim]``.
+
+  Raises:
+    ValueError: if ``x`` has more dims than ``query`` or a dim that is neither
+      1 nor the matching target dim.
+  """
+  if x is None:
+    return
+  batch = jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3])
+  target = tuple(batch) + (query.shape[-2], query.shape[-3], key.shape[-3])
+  shape = tuple(x.shape)
+  if len(shape) > len(target) or any(
+      d not in (1, t) for d, t in zip(reversed(shape), reversed(target))):
+    raise ValueError(
+        f"{name} of shape {shape} does not broadcast to [batch..., heads, q_len,"
+        f" kv_len] = {target}; {_SHAPE_HINTS.get(name, 'each dim must be 1 or equal')}."
+    )
+
+
+def check_is_causal(is_causal: Any) -> None:
+  """``is_causal`` picks a static code path, so it must be a concrete bool."""
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise TypeError(
+        f"is_causal must be a Python bool, got {is_causal!r} ({type(is_causal).__name__});"
+        " pass True or False (for a per-example rule pass a mask array)."
+    )
 
 
 def grouped(x: Array | None, ndim_batch: int, heads: int, groups: int):
@@ -134,9 +182,13 @@ def dot_product_attention_weights(
     scale: logit scale; defaults to ``1/sqrt(head_dim)``.
     precision: matmul precision.
   """
+  check_is_causal(is_causal)
   _, groups = _split_heads(query, key)
-  key = jnp.repeat(key, groups, axis=-2) if groups > 1 else key
   mask = as_bool_mask(mask)
+  bias = None if bias is None else jnp.asarray(bias)
+  check_mask_shape("mask", mask, query, key)
+  check_mask_shape("bias", bias, query, key)
+  key = jnp.repeat(key, groups, axis=-2) if groups > 1 else key
   if is_causal:
     mask = and_masks(mask, causal_mask(query.shape[-3], key.shape[-3]))
   return attention_probs(_scaled(_heads_first(query), scale), _heads_first(key), bias,
@@ -251,12 +303,14 @@ def dot_product_attention(
     value: ``[batch..., kv_len, kv_heads, v_head_dim]``.
     bias: optional logit bias broadcastable to ``[batch..., heads, q_len, kv_len]``.
     mask: optional boolean mask broadcastable to ``[batch..., heads, q_len,
-      kv_len]``; True = attend.
+      kv_len]``; True = attend. Flax's float 0/1 masks (nonzero = attend) and
+      array-likes (numpy arrays, nested lists) are accepted too.
     broadcast_dropout: share the dropout pattern over batch and heads.
     dropout_rng: PRNG key for attention dropout.
-    dropout_rate: attention dropout probability (``"xla"`` backend only); masks
-      come from :func:`attention.dropout.keep_mask` (16 random bits per weight,
-      the rate honoured to within ``2**-17``, kept weights rescaled exactly).
+    dropout_rate: attention dropout probability in ``[0, 1)`` (``"xla"``
+      backend only); masks come from :func:`attention.dropout.keep_mask` (16
+      random bits per weight, the rate honoured to within ``2**-17``, kept
+      weights rescaled exactly).
     deterministic: disables dropout.
     dtype: computation dtype (default: promoted from the inputs).
     precision: matmul precision.
@@ -264,22 +318,39 @@ def dot_product_attention(
       ``intermediates`` collection (flax's ``attention_fn`` protocol).
     force_fp32_for_softmax: kept for flax compatibility; the softmax always
       runs in float32.
-    is_causal: causal attention without a mask array; query i attends keys
+    is_causal: causal attention without a mask array (a Python bool: it
+      selects the code path at trace time); query i attends keys
       ``j <= i``. Tiled backends skip key blocks wholly in the future, and so
       does ``"xla"`` on CPU (row blocks); prefer it to a causal mask array.
     implementation: ``"xla"``, ``"chunked"``, ``"cudnn"`` or None (auto).
     scale: logit scale, default ``1/sqrt(head_dim)``.
-    block_q: query tile size for ``"chunked"``.
-    block_kv: key tile size for ``"chunked"``.
+    block_q: query tile size (>= 1) for ``"chunked"``.
+    block_kv: key tile size (>= 1) for ``"chunked"``.
 
   Returns:
     ``[batch..., q_len, heads, v_head_dim]`` in the computation dtype.
+
+  Raises:
+    ValueError: a mask/bias that does not broadcast to ``[batch..., heads,
+      q_len, kv_len]``, ``dropout_rate`` outside ``[0, 1)``, a block size
+      below 1, and incompatible query/key/value shapes.
+    TypeError: a non-bool ``is_causal`` or a non-int block size.
   """
   del force_fp32_for_softmax  # always on: see the module docstring
   query, key, value = promote_dtype(query, key, value, dtype=dtype)
   _check_shapes(query, key, value)
   _split_heads(query, key)
+  # Every argument is checked here, before dispatch, so that all backends
+  # reject the same inputs (each used to ignore or misread a different subset).
   mask = as_bool_mask(mask)
+  bias = None if bias is None else jnp.asarray(bias)
+  check_mask_shape("mask", mask, query, key)
+  check_mask_shape("bias", bias, query, key)
+  check_is_causal(is_causal)
+  # 1 is refused too: every weight dropped is an all-zero output, never intended.
+  _dropout.check_rate(dropout_rate, "dropout_rate", allow_one=False)
+  _chunked.check_block("block_q", block_q)
+  _chunked.check_block("block_kv", block_kv)
   dropout = (not deterministic) and dropout_rate > 0.0
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(

@@ -37,6 +37,25 @@ def _threshold(rate: float) -> int:
   return min(_LEVELS, int(round(float(rate) * _LEVELS)))
 
 
+def check_rate(rate, name: str = "rate", *, allow_one: bool = True) -> None:
+  """Raises unless ``rate`` is a drop probability in ``[0, 1]`` (``[0, 1)`` without ``allow_one``).
+
+  Out-of-range rates do not fail on their own: ``_threshold`` would clamp a
+  negative rate to "keep all" and one above 1 to "drop all". A traced rate
+  is let through (it cannot be read here; ``_threshold`` needs it concrete).
+  """
+  if isinstance(rate, jax.core.Tracer):
+    return
+  try:
+    value = float(rate)
+  except (TypeError, ValueError):
+    raise TypeError(f"{name} must be a float, got {rate!r}.") from None
+  ok = 0.0 <= value <= 1.0 if allow_one else 0.0 <= value < 1.0  # NaN fails both
+  if not ok:
+    interval = "[0, 1]" if allow_one else "[0, 1)"
+    raise ValueError(f"{name}={rate} must be in {interval}; use 0 to disable dropout.")
+
+
 def keep_scale(rate: float) -> float:
   """The factor kept elements are multiplied by (0.0 when everything is dropped)."""
   t = _threshold(rate)
@@ -73,6 +92,7 @@ def keep_mask(rng: Array, rate: float, shape: Sequence[int]) -> Array:
     rate: drop probability in ``[0, 1]``, a Python float.
     shape: mask shape.
   """
+  check_rate(rate)
   shape = tuple(int(d) for d in shape)
   t = _threshold(rate)
   if t <= 0:
@@ -104,7 +124,9 @@ def dropout(x: Array, rate: float, rng: Array,
   """Inverted dropout of ``x``: zeros with probability ``rate``, else ``x / (1 - rate)``.
 
   ``broadcast_dims`` share one mask along those axes (as ``flax.linen.Dropout``).
+  ``rate`` must be in ``[0, 1]``; 1 gives zeros.
   """
+  check_rate(rate)
   if rate <= 0.0:
     return x
   if _threshold(rate) >= _LEVELS:
@@ -132,6 +154,7 @@ class Dropout(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, deterministic: bool | None = None,
                rng: Array | None = None) -> Array:
+    check_rate(self.rate)  # before the early return, so a bad rate fails in eval too
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     if self.rate == 0.0 or deterministic:
       return inputs

@@ -14,8 +14,15 @@ Array = jax.Array
 
 
 def as_bool_mask(mask: Array | None) -> Array | None:
-  """Boolean view of a mask; flax's helpers return float 0/1 masks, nonzero = attend."""
-  if mask is None or mask.dtype == jnp.bool_:
+  """Boolean view of a mask; flax's helpers return float 0/1 masks, nonzero = attend.
+
+  Array-likes (numpy arrays, nested lists) are converted with ``jnp.asarray``
+  first, so a mask written by hand needs no wrapping.
+  """
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  if mask.dtype == jnp.bool_:
     return mask
   return mask != 0
 

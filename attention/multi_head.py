@@ -35,6 +35,7 @@ from flax.linen import initializers
 from flax.linen.dtypes import promote_dtype
 from flax.linen.module import merge_param
 
+from attention import dropout as _dropout
 from attention.core import dot_product_attention, dot_product_attention_weights
 from attention.masks import as_bool_mask
 from attention.positional import apply_rotary
@@ -76,14 +77,14 @@ class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention (Vaswani et al. 2017).
 
   Attributes:
-    num_heads: number of query heads.
+    num_heads: number of query heads (>= 1).
     dtype: computation dtype (default: inferred from inputs and params).
     param_dtype: parameter dtype.
     qkv_features: total q/k/v width (default: input features); divisible by
       ``num_heads``.
     out_features: output width (default: ``inputs_q`` features).
     broadcast_dropout: share the attention dropout pattern over batch and heads.
-    dropout_rate: attention dropout.
+    dropout_rate: attention dropout, in ``[0, 1)``.
     deterministic: default for the call's ``deterministic``.
     precision: matmul precision.
     kernel_init: initialiser of the q/k/v kernels.
@@ -93,7 +94,10 @@ class MultiHeadAttention(nn.Module):
     use_bias: whether the projections have biases.
     attention_fn: the attention core; defaults to this library's
       :func:`attention.dot_product_attention` (any flax-style function works).
-    decode: autoregressive decoding with a KV cache in the ``cache`` collection.
+    decode: autoregressive decoding with a KV cache in the ``cache``
+      collection, its length fixed by the init input. Writing past that length
+      raises in eager ``apply`` only; under ``jax.jit`` the last slots are
+      silently overwritten, so check ``cache_index`` between jitted steps.
     normalize_qk: LayerNorm on queries and keys (ViT-22B).
     force_fp32_for_softmax: kept for compatibility; the default core always
       runs its softmax in float32.
@@ -188,6 +192,7 @@ class MultiHeadAttention(nn.Module):
     if inputs_v is None:
       inputs_v = inputs_k
 
+    self._check_fields()
     features = self.out_features or inputs_q.shape[-1]
     qkv_features = self.qkv_features or inputs_q.shape[-1]
     if qkv_features % self.num_heads:
@@ -288,6 +293,24 @@ class MultiHeadAttention(nn.Module):
         dot_general_cls=self.out_dot_general_cls, name="out",
     )(x)
 
+  def _check_fields(self) -> None:
+    """Head counts and the dropout rate, checked before they divide or index anything."""
+    for name in ("num_heads", "num_kv_heads"):
+      value = getattr(self, name)
+      if value is None and name == "num_kv_heads":
+        continue
+      # An explicit num_kv_heads=0 would otherwise fall back to num_heads
+      # through ``or``, and num_heads=0 fails as a ZeroDivisionError.
+      if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer))
+          or value < 1):
+        raise ValueError(
+            f"{name}={value!r} must be a positive int"
+            + ("; leave it None for num_heads (MHA)." if name == "num_kv_heads" else ".")
+        )
+    # Refused here too, not only in the default core: attention_fn may be
+    # flax's, which turns a rate of 1 into NaN.
+    _dropout.check_rate(self.dropout_rate, "dropout_rate", allow_one=False)
+
   def _fused_projection(self, x: Array, heads: tuple[tuple[str, tuple[int, int]], ...]
                         ) -> list[Array]:
     """Projections of one input by several ``DenseGeneral``-shaped layers in one matmul.
@@ -320,6 +343,22 @@ class MultiHeadAttention(nn.Module):
 
     On the init pass the cache is created with ``key``'s shape, so initialise
     with an input of the maximum decode length, as in flax.
+
+    Overflow: feeding more tokens in total than that length is an error, but
+    it can only be raised when the cache index is concrete (eager
+    ``apply``). Under ``jax.jit`` (or ``scan``) the index is traced and no
+    check runs: ``dynamic_update_slice`` clamps the write to the last slots,
+    so the newest keys/values silently overwrite the ones there, the index
+    grows past the length and every query attends the whole cache. Callers
+    that jit the decode step should check ``cache["cache_index"] + n <=
+    max_len`` on the host between steps (a scalar they already hold). A
+    traced check (``checkify`` or a host callback) would add a sync to every
+    step, so none is made.
+
+    Raises:
+      ValueError: keys whose batch/head shape differs from the cache's, more
+        new tokens than the cache holds, or (concrete index only) a write
+        past its end.
     """
     is_initialized = self.has_variable("cache", "cached_key")
     cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
@@ -335,6 +374,13 @@ class MultiHeadAttention(nn.Module):
           f" [batch, n<= {max_len}, features] per call with the batch used at init."
       )
     index = cache_index.value
+    # Only a concrete index can be read; under jit this branch is not traced,
+    # so the compiled step is unchanged (see the docstring for that case).
+    if not isinstance(index, jax.core.Tracer) and int(index) + new_len > max_len:
+      raise ValueError(
+          f"decode cache is full: cache_index={int(index)} + {new_len} new tokens >"
+          f" max length {max_len}; initialise the cache with a longer input."
+      )
     start = (0,) * len(batch) + (index, 0, 0)
     key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
     value = jax.lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), start)

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from experiments import comparison_report
@@ -95,10 +96,10 @@ def _save_runs(workdir: str, runs: dict) -> None:
 
 
 def _saved_steps(workdir: str) -> int | None:
+  from launch import manifest
   try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      return int(json.load(f)["num_train_steps"])
-  except (OSError, ValueError, KeyError):
+    return int((manifest.run_config(workdir) or {})["num_train_steps"])
+  except (KeyError, TypeError, ValueError):
     return None
 
 
@@ -152,7 +153,10 @@ def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[s
     _save_runs(args.workdir, runs)
     if rc != 0:
       failed += 1
-      print(f"error: {family} exited with {rc}; see {log}", file=sys.stderr, flush=True)
+      errors = [line for line in Path(log).read_text(errors="replace").splitlines()
+                if line.startswith("error:")] if Path(log).is_file() else []
+      why = f" ({errors[-1][len('error:'):].strip()})" if errors else ""
+      print(f"error: {family} exited with {rc}{why}; see {log}", file=sys.stderr, flush=True)
   return failed
 
 

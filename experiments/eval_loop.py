@@ -22,11 +22,13 @@ def _sum_metrics(eval_step, params, batches, to_global) -> dict[str, float]:
 
 
 def evaluate_all(config, model, params, ds, eval_step: Callable, data_sharding, workdir: Path,
-                 step: int, writer, task: str, host: Callable, final: bool = False) -> dict:
+                 step: int, writer, task: str, host: Callable, final: bool = False,
+                 note: Callable[[str], None] = lambda text: None) -> dict:
   """Runs the eval set and returns ``{"eval/loss": ..., "eval/accuracy": ..., ...}``.
 
   With ``final`` the test split (if the data has one) is decoded and scored
-  too, as ``test/bleu`` etc., with the run's beam settings.
+  too, as ``test/bleu`` etc., with the run's beam settings. ``note`` gets a
+  line as each phase starts, since decoding a large eval set takes a while.
 
   Teacher-forced metrics and decoding run on every host (the eval step is a
   collective; decoded rows are gathered); plots are drawn by process 0, from
@@ -36,6 +38,7 @@ def evaluate_all(config, model, params, ds, eval_step: Callable, data_sharding, 
     return {k: jax.make_array_from_process_local_data(data_sharding, np.asarray(v))
             for k, v in batch.items()}
 
+  note(f"eval @ {step}: teacher-forced metrics")
   batches = ds.eval()
   if config.num_eval_batches:
     batches = itertools.islice(batches, config.num_eval_batches)
@@ -45,6 +48,7 @@ def evaluate_all(config, model, params, ds, eval_step: Callable, data_sharding, 
   if task == "seq2seq" and config.decode.enabled:
     # Every process decodes its own share of rows; all_processes gathers them
     # so BLEU covers the whole eval set on every host count.
+    note(f"eval @ {step}: decoding the eval set (beam {config.decode.beam_size})")
     batches = ds.eval()
     if config.decode.num_batches:
       batches = itertools.islice(batches, config.decode.num_batches)
@@ -55,6 +59,7 @@ def evaluate_all(config, model, params, ds, eval_step: Callable, data_sharding, 
         length_buckets=tuple(config.decode.length_buckets), all_processes=True)
     metrics.update(evaluate.decode_scalars(scored))
     if final and ds.test is not None:
+      note(f"eval @ {step}: decoding the test set (beam {config.decode.beam_size})")
       test = evaluate.decode_and_score(
           model, host_params, ds.test(), ds.tgt_vocab, beam_size=config.decode.beam_size,
           alpha=config.decode.alpha, max_extra=config.decode.max_extra,

@@ -13,7 +13,8 @@ Crash safety and resume. Each JSON line is written with one ``write`` call,
 then flushed and ``fsync``-ed, so a killed process loses at most the line in
 flight. When a writer is created with ``resume_step=s`` it rewrites the file
 (atomically) without the lines for steps after ``s`` (the run will recompute
-them) and without a torn last line, and it skips later writes for steps that
+them) and without a torn last line, keeping the previous file as
+``metrics.jsonl.before-resume-<n>``, and it skips later writes for steps that
 the file already held, so a resumed run never duplicates a step. TensorBoard
 gets ``purge_step=s + 1``, which makes it hide the stale events the crashed
 run wrote after the checkpoint.
@@ -99,6 +100,14 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _free_path(pattern: Path) -> Path:
+  """``pattern`` (a path with one ``{}``) with the first n = 1, 2, ... that does not exist."""
+  n = 1
+  while Path(str(pattern).format(n)).exists():
+    n += 1
+  return Path(str(pattern).format(n))
+
+
 class MetricWriter:
   """Writes TensorBoard summaries and the eval ``metrics.jsonl`` of one run.
 
@@ -151,8 +160,11 @@ class MetricWriter:
     lines = [json.dumps(r, allow_nan=False) + "\n" for r in kept]
     if "".join(lines) != raw:
       dropped = len([line for line in raw.splitlines() if line.strip()]) - len(kept)
-      logging.info("metrics.jsonl: keeping %d records, dropping %d (resume_step=%s)",
-                   len(kept), dropped, resume_step)
+      backup = _free_path(self.jsonl_path.with_name(METRICS_FILE + ".before-resume-{}"))
+      backup.write_text(raw, encoding="utf-8")  # the records a resumed run recomputes
+      logging.warning("metrics.jsonl: keeping %d records, dropping %d after step %s (the"
+                      " previous file is kept as %s)", len(kept), dropped, resume_step,
+                      backup.name)
       tmp = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
       with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(lines)

@@ -12,6 +12,8 @@ from typing import Any, Callable
 import numpy as np
 import optax
 
+from experiments.models import ConfigError
+
 SCHEDULES = ("rsqrt", "linear", "cosine", "constant")
 
 
@@ -29,7 +31,7 @@ def learning_rate_fn(config: Any) -> Callable[[int], float]:
   warmup, total = int(config.warmup_steps), int(config.num_train_steps)
   end = peak * float(config.get("end_learning_rate_factor", 0.0))
   if name not in SCHEDULES:
-    raise ValueError(f"schedule={name!r} is unknown; use one of {SCHEDULES}.")
+    raise ConfigError(f"schedule={name!r} is unknown; use one of {SCHEDULES}.")
 
   def fn(step: int) -> float:
     step = int(step)
@@ -53,12 +55,14 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
   The learning rate is injected (``opt_state.hyperparams['learning_rate']``).
   """
 
+  # Always the same chain, so the optimizer state has one structure and a
+  # resumed run may change grad_clip_norm (0 = an infinite norm: no clipping).
+  clip = float(config.grad_clip_norm) or float("inf")
+
   def build(learning_rate):
-    parts = []
-    if config.grad_clip_norm:
-      parts.append(optax.clip_by_global_norm(float(config.grad_clip_norm)))
-    parts.append(optax.adamw(learning_rate, b1=config.adam_b1, b2=config.adam_b2,
-                             eps=config.adam_eps, weight_decay=config.weight_decay))
-    return optax.chain(*parts)
+    return optax.chain(
+        optax.clip_by_global_norm(clip),
+        optax.adamw(learning_rate, b1=config.adam_b1, b2=config.adam_b2,
+                    eps=config.adam_eps, weight_decay=config.weight_decay))
 
   return optax.inject_hyperparams(build)(learning_rate=float(config.learning_rate))

@@ -42,6 +42,15 @@ class Progress:
             f"tokens/s {tokens_per_sec:.0f}  eta {_fmt_eta(eta)}", file=self.stream, flush=True)
     self.last = step
 
+  def note(self, text: str) -> None:
+    """One line of news (e.g. which eval phase runs), beside the bar."""
+    if not self.enabled:
+      return
+    if self.bar is not None:
+      self.bar.write(text)
+    else:
+      print(text, file=self.stream, flush=True)
+
   def message(self, step: int, metrics: dict) -> None:
     if not self.enabled:
       return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import NoReturn
 
@@ -80,9 +81,14 @@ def main(argv) -> int:
   for noisy in ("absl", "orbax", "jax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
+    config = FLAGS.config
+  except Exception as e:  # ml_collections defers some load errors to first access
+    print(f"error: --config: {_reason(str(e))}", file=sys.stderr)
+    return 2
+  try:
     _maybe_initialize_distributed()
     from experiments import train
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir)
   except USER_ERRORS as e:
     if os.environ.get("ATTENTION_DEBUG"):
       raise
@@ -91,7 +97,38 @@ def main(argv) -> int:
   except TrainingDiverged as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    # The second Ctrl-C (the first one saves and exits cleanly).
+    print("error: interrupted; re-run the same command to resume from the last checkpoint.",
+          file=sys.stderr)
+    return 130
   return 0
+
+
+def _reason(text: str) -> str:
+  """The ``SomeError: why`` line of a message that embeds a traceback, else its first line."""
+  lines = [line.strip() for line in text.splitlines() if line.strip()]
+  errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line)]
+  return errors[-1] if errors else (lines[0] if lines else text)
+
+
+def _check_config_file(argv: list[str]) -> None:
+  """Exits 2 with one line when ``--config``'s file is missing or is not valid Python."""
+  for i, arg in enumerate(argv):
+    value = (arg.split("=", 1)[1] if arg.startswith("--config=")
+             else argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if value is None:
+      continue
+    path = value.split(":", 1)[0]
+    try:
+      compile(open(path, encoding="utf-8").read(), path, "exec")
+    except OSError as e:
+      print(f"error: --config {path}: {e.strerror}; pass a config file such as"
+            " experiments/configs/transformer_mt.py.", file=sys.stderr)
+      sys.exit(2)
+    except SyntaxError as e:
+      print(f"error: --config {path}, line {e.lineno}: {e.msg}.", file=sys.stderr)
+      sys.exit(2)
 
 
 def _parse(argv):
@@ -99,7 +136,11 @@ def _parse(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    # A config file's own error (e.g. an unknown ``:arg``) arrives with its traceback.
+    text = str(e)
+    head = text.splitlines()[0]
+    reason = _reason(text[len(head):]) if "Traceback" in text else ""
+    print(f"error: {head} {reason}".rstrip(), file=sys.stderr)
     sys.exit(2)
   except (KeyError, AttributeError) as e:
     # With an explicit --config file, overrides are applied here: an unknown field
@@ -110,6 +151,7 @@ def _parse(argv):
 def run() -> None:
   from attention import huge_pages
   huge_pages.reexec_with_huge_pages()
+  _check_config_file(sys.argv)
   _define_flags(sys.argv)
   app.run(main, flags_parser=_parse)
 

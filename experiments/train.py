@@ -11,6 +11,7 @@ eight simulated devices, or every host of a TPU pod.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,9 +28,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from attention import huge_pages
+from attention.dispatch import IMPLEMENTATIONS
 from experiments import evaluate, optim
-from experiments.checkpoints import Checkpointer, check_and_write_config
-from experiments.data import create_datasets
+from experiments.checkpoints import Checkpointer, WorkdirLock, check_and_write_config
+from experiments.data import DataError, create_datasets
 from experiments.metric_writers import MetricWriter
 from experiments.models import ConfigError, create_model, model_task
 from experiments.progress import Progress
@@ -69,6 +71,44 @@ def _check_workdir(workdir: Path) -> None:
   except OSError as e:
     raise ConfigError(f"workdir {workdir} is not writable ({e.strerror}); pass a"
                       " --workdir you can write to.") from None
+
+
+# Config fields that must be integers >= 1, or None / >= 1 where optional.
+_POSITIVE_INTS = ("num_train_steps", "batch_size", "eval_batch_size", "grad_accum_steps",
+                  "eval_every_steps", "checkpoint_every_steps", "log_every_steps",
+                  "max_checkpoints_to_keep", "decode.beam_size")
+_OPTIONAL_POSITIVE_INTS = ("num_eval_batches", "decode.num_batches")
+_NON_NEGATIVE = ("learning_rate", "warmup_steps", "grad_clip_norm", "weight_decay",
+                 "num_plot_examples", "decode.max_extra")
+
+
+def _field(config, dotted: str):
+  for part in dotted.split("."):
+    config = config.get(part) if hasattr(config, "get") else None
+  return config
+
+
+def check_fields(config) -> None:
+  """One-line :class:`ConfigError` for a field whose value no run can use."""
+  for name in _POSITIVE_INTS + _OPTIONAL_POSITIVE_INTS:
+    value = _field(config, name)
+    if value is None and name in _OPTIONAL_POSITIVE_INTS:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      none = " or None (all)" if name in _OPTIONAL_POSITIVE_INTS else ""
+      raise ConfigError(f"{name}={value!r} must be an integer >= 1{none};"
+                        f" set --config.{name}=N.")
+  for name in _NON_NEGATIVE:
+    value = _field(config, name)
+    if value is not None and not value >= 0:
+      raise ConfigError(f"{name}={value!r} must be >= 0; set --config.{name}.")
+  impl = _field(config, "model.implementation")
+  if impl is not None and impl not in IMPLEMENTATIONS:
+    raise ConfigError(f"model.implementation={impl!r} is unknown; use one of"
+                      f" {IMPLEMENTATIONS} or leave it unset (auto).")
+  smoothing = config.get("label_smoothing", 0.0)
+  if not 0.0 <= smoothing < 1.0:
+    raise ConfigError(f"label_smoothing={smoothing!r} must be in [0, 1).")
 
 
 def _validate(config, mesh) -> None:
@@ -145,39 +185,50 @@ def make_eval_step(model, task: str):
 
 
 class _Preemption:
-  """Turns SIGTERM into a checkpoint-and-exit at the next step boundary.
+  """Turns SIGTERM or Ctrl-C into a checkpoint-and-exit at the next step boundary.
 
-  Single process: a SIGTERM handler sets a flag. Multi-process: every host
+  Single process: a handler sets a flag; a second Ctrl-C stops at once (the
+  checkpointer still finishes a save in flight). Multi-process: every host
   must save together, so JAX's own preemption sync point (the coordination
   service notices SIGTERM on any host) decides, identically everywhere.
   """
 
   def __init__(self):
-    self._flag = False
-    self._old = None
+    self.reason = ""
+    self._old: dict = {}
     self._multi = jax.process_count() > 1
 
   def __enter__(self):
     if not self._multi:
-      try:
-        self._old = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread: no handler, periodic saves still apply
-        self._old = None
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+          self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: no handler, periodic saves still apply
+          pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self._flag = True
+    del frame
+    if signum == signal.SIGINT:
+      if self.reason == "Ctrl-C":
+        raise KeyboardInterrupt
+      print("Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again:"
+            " stop now, losing the steps since the last checkpoint).", file=sys.stderr,
+            flush=True)
+    self.reason = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
 
   def requested(self, step: int) -> bool:
     if self._multi:
       from jax.experimental import multihost_utils
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._flag
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.reason = "preemption"
+        return True
+      return False
+    return bool(self.reason)
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
 
 
 def _to_global(batch: dict, sharding: NamedSharding) -> dict:
@@ -196,18 +247,39 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns:
     The last eval metrics (also the last line of ``workdir/metrics.jsonl``).
   """
+  if not str(workdir).strip():
+    raise ConfigError("--workdir is empty; pass the directory for checkpoints and metrics.")
+  for name, path in (("--workdir", workdir), ("data.dir", config.data.get("dir")),
+                     ("data.path", config.data.get("path"))):
+    if path and "://" in str(path):
+      # pathlib would turn gs://b/x into the local directory gs:/b/x.
+      raise ConfigError(f"{name} {path}: storage URLs are not supported; pass a local or"
+                        " mounted path (e.g. a gcsfuse or NFS mount shared by all hosts).")
+  check_fields(config)
   workdir = Path(workdir)
   _check_workdir(workdir)
+  primary = jax.process_index() == 0
+  with contextlib.ExitStack() as stack:
+    if primary:
+      stack.enter_context(WorkdirLock(workdir))
+    return _train_and_evaluate(config, workdir, primary)
+
+
+def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
   task = model_task(config.model.name)
   mesh = make_mesh(config.model_parallelism)
   _validate(config, mesh)
-  primary = jax.process_index() == 0
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P("data"))
 
-  ds = create_datasets(config.data, seed=config.seed, batch_size=config.batch_size,
-                       eval_batch_size=config.eval_batch_size, workdir=str(workdir),
-                       process_index=jax.process_index(), process_count=jax.process_count())
+  try:
+    ds = create_datasets(config.data, seed=config.seed, batch_size=config.batch_size,
+                         eval_batch_size=config.eval_batch_size, workdir=str(workdir),
+                         process_index=jax.process_index(), process_count=jax.process_count())
+  except DataError:
+    raise
+  except ValueError as e:  # a data setting no pipeline accepts (the message names it)
+    raise DataError(f"data config: {e}") from e
   if ds.task != task:
     raise ConfigError(f"model.name={config.model.name!r} is a {task} model but data.name="
                       f"{config.data.name!r} is a {ds.task} task; pick a matching pair.")
@@ -217,7 +289,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = create_model(config.model, src_vocab_size=ds.src_vocab.size,
                        tgt_vocab_size=ds.tgt_vocab.size, max_len=max_len)
   tx = optim.make_optimizer(config)
-  lr_fn = optim.learning_rate_fn(config)
+  optim.learning_rate_fn(config)  # a bad schedule fails before anything is written
 
   def init_state(rng):
     params_rng, state_rng = jax.random.split(rng)
@@ -228,56 +300,56 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
-  ckpt = Checkpointer(workdir / "checkpoints", config.max_checkpoints_to_keep)
-  latest = ckpt.latest_step()
-  try:
+  # Closing the checkpointer waits for a save still in flight, whatever ends
+  # the run (a second Ctrl-C, an error in eval): a save that started completes.
+  with Checkpointer(workdir / "checkpoints", config.max_checkpoints_to_keep) as ckpt, \
+       _Preemption() as preempt:
+    lr_fn = optim.learning_rate_fn(config)
     if primary:
-      check_and_write_config(config.to_dict(), workdir, latest)
-    if latest is not None:
-      abstract_sharded = jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-          state_sharding)
-      state, data_state = ckpt.restore(latest, abstract_sharded)
+      check_and_write_config(config.to_dict(), workdir, ckpt.latest_step())
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+    restored = ckpt.restore_latest(abstract_sharded)
+    latest = None
+    if restored is not None:
+      latest, state, data_state = restored
       ds.train.set_state(data_state)
       log.info("resumed from %s at step %d", workdir / "checkpoints", latest)
     else:
       state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
-  except BaseException:
-    ckpt.close()  # let orbax's background threads finish before the error surfaces
-    raise
-  num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-  start = int(_host(state.step))
+    num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    start = int(_host(state.step))
 
-  train_step = jax.jit(make_train_step(model, tx, task, config), donate_argnums=(0,),
-                       in_shardings=(state_sharding, data_sharding, replicated),
-                       out_shardings=(state_sharding, replicated))
-  eval_step = jax.jit(make_eval_step(model, task), in_shardings=(replicated, data_sharding),
-                      out_shardings=replicated)
-  writer = MetricWriter(workdir, is_primary=primary, resume_step=start)
-  if primary:
-    log.info("model %s: %.2fM parameters; %d devices (%s); workdir %s", config.model.name,
-             num_params / 1e6, jax.device_count(), mesh.shape, workdir)
-    if jax.default_backend() == "cpu":
-      log.info("host huge pages: %s (attention/huge_pages.py)",
-               "on" if huge_pages.active() else "off")
+    train_step = jax.jit(make_train_step(model, tx, task, config), donate_argnums=(0,),
+                         in_shardings=(state_sharding, data_sharding, replicated),
+                         out_shardings=(state_sharding, replicated))
+    eval_step = jax.jit(make_eval_step(model, task), in_shardings=(replicated, data_sharding),
+                        out_shardings=replicated)
+    writer = MetricWriter(workdir, is_primary=primary, resume_step=start)
+    if primary:
+      log.info("model %s: %.2fM parameters; %d devices (%s); workdir %s", config.model.name,
+               num_params / 1e6, jax.device_count(), mesh.shape, workdir)
+      if jax.default_backend() == "cpu":
+        log.info("host huge pages: %s (attention/huge_pages.py)",
+                 "on" if huge_pages.active() else "off")
 
-  def run_eval(step: int, train_loss: float) -> dict:
-    from experiments import eval_loop  # local: plots pull in matplotlib
-    metrics = eval_loop.evaluate_all(config, model, state.params, ds, eval_step, data_sharding,
-                                     workdir, step, writer, task, _host,
-                                     final=step == config.num_train_steps)
-    # Reports (launch.report, experiments.compare) read only metrics.jsonl.
-    metrics.update({"train/loss": train_loss, "model/num_params": float(num_params)})
-    writer.write_eval(step, metrics)
-    return metrics
+    def run_eval(step: int, train_loss: float) -> dict:
+      from experiments import eval_loop  # local: plots pull in matplotlib
+      metrics = eval_loop.evaluate_all(config, model, state.params, ds, eval_step, data_sharding,
+                                       workdir, step, writer, task, _host,
+                                       final=step == config.num_train_steps,
+                                       note=progress.note)
+      # Reports (launch.report, experiments.compare) read only metrics.jsonl.
+      metrics.update({"train/loss": train_loss, "model/num_params": float(num_params)})
+      writer.write_eval(step, metrics)
+      return metrics
 
-  last_metrics: dict = {}
-  progress = Progress(start, config.num_train_steps, enabled=primary)
-  pending: list = []
-  last_saved = latest
-  step = start
-  t_mark, tokens_since = time.perf_counter(), 0.0
-  with _Preemption() as preempt:
+    last_metrics: dict = {}
+    progress = Progress(start, config.num_train_steps, enabled=primary)
+    pending: list = []
+    last_saved = latest
+    step = start
+    t_mark, tokens_since = time.perf_counter(), 0.0
     while step < config.num_train_steps:
       batch = next(ds.train)
       lr = np.float32(lr_fn(step))
@@ -285,52 +357,58 @@ def train_and_evaluate(config, workdir: str) -> dict:
       step += 1
       pending.append((step, lr, metrics))
       stop = preempt.requested(step)
+      final = step == config.num_train_steps
       boundary = {
-          "log": step % config.log_every_steps == 0 or step == config.num_train_steps,
-          "eval": step % config.eval_every_steps == 0 or step == config.num_train_steps,
-          "ckpt": step % config.checkpoint_every_steps == 0 or step == config.num_train_steps,
+          "log": step % config.log_every_steps == 0 or final,
+          "eval": step % config.eval_every_steps == 0 or final,
+          "ckpt": step % config.checkpoint_every_steps == 0 or final,
       }
-      if any(boundary.values()) or stop:
-        # One host sync per boundary; the loss is checked before any save so
-        # a diverged state never becomes the latest checkpoint.
-        rows = [(s, l, {k: float(v) for k, v in _host(m).items()}) for s, l, m in pending]
-        pending = []
-        bad = [s for s, _, m in rows if not math.isfinite(m["loss"])]
-        if bad:
-          ckpt.close()
-          kept = (f"The last good checkpoint (step {last_saved}) stays in"
-                  f" {workdir / 'checkpoints'}." if last_saved is not None
-                  else "No checkpoint was saved before it.")
-          raise TrainingDiverged(
-              f"loss is {rows[-1][2]['loss']} at step {bad[0]}; stopped. {kept} Lower"
-              " learning_rate, raise warmup_steps or set grad_clip_norm.")
-        now = time.perf_counter()
-        tokens_since += sum(m["tokens"] for _, _, m in rows)
-        s, l, m = rows[-1]
-        tps = tokens_since / max(now - t_mark, 1e-9)
-        writer.write_scalars(s, {"train/loss": m["loss"], "train/learning_rate": float(l),
-                                 "train/grad_norm": m["grad_norm"], "train/tokens_per_sec": tps})
-        progress.update(s, loss=m["loss"], lr=float(l), tokens_per_sec=tps)
-        t_mark, tokens_since = now, 0.0
-        if boundary["eval"]:
-          last_metrics = {"step": step, **run_eval(step, m["loss"])}
-          progress.message(step, last_metrics)
-        if boundary["ckpt"] or stop:
-          # TensorBoard events are buffered: flush them with each checkpoint so a
-          # kill -9 cannot lose the curve up to the step a resumed run restarts at.
-          writer.flush()
-          ckpt.save(step, state, ds.train.get_state(), wait=stop)
-          last_saved = step
-        if stop:
-          log.warning("SIGTERM: saved checkpoint at step %d in %s; exiting.", step,
-                      workdir / "checkpoints")
-          break
-  ckpt.close()
-  writer.close()
-  progress.close()
+      if not (any(boundary.values()) or stop):
+        continue
+      # One host sync per boundary; the loss is checked before any save so
+      # a diverged state never becomes the latest checkpoint.
+      rows = [(s, l, {k: float(v) for k, v in _host(m).items()}) for s, l, m in pending]
+      pending = []
+      bad = [s for s, _, m in rows if not math.isfinite(m["loss"])]
+      if bad:
+        kept = (f"The last good checkpoint (step {last_saved}) stays in"
+                f" {workdir / 'checkpoints'}." if last_saved is not None
+                else "No checkpoint was saved before it.")
+        raise TrainingDiverged(
+            f"loss is {rows[-1][2]['loss']} at step {bad[0]}; stopped. {kept} Lower"
+            " learning_rate, raise warmup_steps or set grad_clip_norm.")
+      now = time.perf_counter()
+      tokens_since += sum(m["tokens"] for _, _, m in rows)
+      s, l, m = rows[-1]
+      tps = tokens_since / max(now - t_mark, 1e-9)
+      writer.write_scalars(s, {"train/loss": m["loss"], "train/learning_rate": float(l),
+                               "train/grad_norm": m["grad_norm"], "train/tokens_per_sec": tps})
+      progress.update(s, loss=m["loss"], lr=float(l), tokens_per_sec=tps)
+      t_mark, tokens_since = now, 0.0
+      # Save before evaluating: an eval that fails or is killed must not cost
+      # the steps trained since the last checkpoint.
+      if boundary["ckpt"] or stop:
+        # TensorBoard events are buffered: flush them with each checkpoint so a
+        # kill -9 cannot lose the curve up to the step a resumed run restarts at.
+        writer.flush()
+        ckpt.save(step, state, ds.train.get_state(), wait=stop)
+        last_saved = step
+      # A stop request skips intermediate evals (a preemption's grace period is
+      # short); the final one still runs, as a resume would not repeat it.
+      if boundary["eval"] and (final or not stop):
+        last_metrics = {"step": step, **run_eval(step, m["loss"])}
+        progress.message(step, last_metrics)
+      if stop:
+        log.warning("%s: saved checkpoint at step %d in %s; re-run the same command to"
+                    " resume.", preempt.reason, step, workdir / "checkpoints")
+        break
+    writer.close()
+    progress.close()
   if primary:
-    print(f"outputs in {workdir}: metrics.jsonl, config.json, checkpoints/, plots/,"
-          f" TensorBoard events (tensorboard --logdir {workdir})", flush=True)
+    made = [n for n in ("metrics.jsonl", "config.json", "checkpoints/", "plots/")
+            if (workdir / n.rstrip("/")).exists()]
+    print(f"outputs in {workdir}: {', '.join(made)}, TensorBoard events"
+          f" (tensorboard --logdir {workdir})", flush=True)
   if not last_metrics and (workdir / "metrics.jsonl").exists():
     lines = (workdir / "metrics.jsonl").read_text().strip().splitlines()
     last_metrics = json.loads(lines[-1]) if lines else {}

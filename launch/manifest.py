@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -46,6 +47,28 @@ def last_metrics(workdir: str) -> dict[str, Any] | None:
     return None
 
 
+def run_config(workdir: str) -> dict[str, Any] | None:
+  """The config the run in ``workdir`` last ran with, or None.
+
+  ``config.json`` holds the first run's; a resume that changed fields (e.g. a
+  larger ``num_train_steps``) wrote ``config.resume-<step>.json``, and the one
+  with the highest step is the latest.
+  """
+  root = workdir.rstrip("/")
+  if "://" in root:
+    from etils import epath
+    names = [p.name for p in epath.Path(root).glob("config.resume-*.json")]
+  else:
+    names = [n for n in os.listdir(root)] if os.path.isdir(root) else []
+  resumes = [n for n in names if re.fullmatch(r"config\.resume-\d+\.json", n)]
+  name = max(resumes, key=lambda n: int(n.split("-")[1].split(".")[0]), default="config.json")
+  try:
+    with _open(f"{root}/{name}") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
 def is_complete(workdir: str) -> bool:
   """True when the run's last eval is at ``num_train_steps`` (it evaluates at the end).
 
@@ -55,9 +78,8 @@ def is_complete(workdir: str) -> bool:
   if metrics is None:
     return False
   try:
-    with _open(workdir.rstrip("/") + "/config.json") as f:
-      total = json.load(f)["num_train_steps"]
-  except (OSError, ValueError, KeyError):
+    total = (run_config(workdir) or {})["num_train_steps"]
+  except KeyError:
     return True   # no config to compare against: trust the final metrics line
   return int(metrics.get("step", -1)) >= int(total)
 

@@ -4,10 +4,11 @@
         [--version tpu-ubuntu2204-base] [--spot | --reserved] [--queued] [--project P]
     python -m launch.tpu setup  --name tpu1 --zone us-central2-b
     python -m launch.tpu run    --name tpu1 --zone us-central2-b \
-        --config experiments/configs/transformer_mt.py --workdir gs://bucket/mt \
-        --config.data.dir=gs://bucket/multi30k [--max-retries 3]
+        --config experiments/configs/transformer_mt.py --workdir /gcs/bucket/mt \
+        --config.data.dir=/gcs/bucket/multi30k [--max-retries 3]
     python -m launch.tpu sweep  --name sw --num-vms 4 --zone ... --spot \
-        --config experiments/configs/luong_mt.py --workdir gs://bucket/luong
+        --config experiments/configs/luong_mt.py --workdir /gcs/bucket/luong \
+        --extra --config.data.dir=/gcs/bucket/multi30k
     python -m launch.tpu logs | status | delete --name tpu1 --zone us-central2-b
 
 Every subcommand takes ``--dry-run`` (print the gcloud commands, run none). ``run``
@@ -302,7 +303,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="sweep VMs NAME-0..NAME-{N-1}" if name != "sweep" else "VMs to use")
     if name in ("run", "sweep"):
       s.add_argument("--config", required=True, help="config file inside the repo, [:arg]")
-      s.add_argument("--workdir", required=True, help="gs://bucket/dir (shared by every host)")
+      s.add_argument("--workdir", required=True, help="a directory every host sees, e.g. a gcsfuse mount /gcs/bucket/dir")
       s.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                      help="--config.a=b overrides (must come last)")
     if name == "run":

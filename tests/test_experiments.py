@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from experiments import train
@@ -127,9 +128,28 @@ MT = ["--config", str(CONFIGS / "transformer_mt.py") + ":size=tiny,tiny",
     ("heads", ["--config.model.num_heads=3"], ["num_heads=3", "qkv_dim"]),
     ("no data dir", MT, ["data.dir"]),
     ("missing data dir", MT + ["--config.data.dir=/nonexistent/m30k"], ["/nonexistent/m30k"]),
+    ("keep no checkpoint", ["--config.max_checkpoints_to_keep=0"],
+     ["max_checkpoints_to_keep=0", ">= 1"]),
+    ("no steps", ["--config.num_train_steps=0"], ["num_train_steps=0"]),
+    ("log every 0", ["--config.log_every_steps=0"], ["log_every_steps=0"]),
+    ("schedule", ["--config.schedule=noam"], ["schedule='noam'", "rsqrt"]),
+    ("data field", ["--config.data.max_len=0"], ["data.max_len=0"]),
+    ("data name", ["--config.data.name=revers"], ["revers", "reverse"]),
+    ("no config file", ["--config", "experiments/configs/nope.py"], ["nope.py", "No such file"]),
+    ("config arg", ["--config", str(CONFIGS / "transformer_mt.py") + ":size=huge"],
+     ["size='huge'", "multi30k"]),
 ])
 def test_cli_bad_input_one_line_errors(tmp_path, case, args, needles):
   _one_line_error(_cli(tmp_path, *args), *needles)
+  assert not (tmp_path / "w" / "checkpoints").exists()   # refused before any training
+
+
+def test_cli_empty_workdir_is_refused(tmp_path):
+  cmd = [sys.executable, "-m", "experiments.run", "--workdir", ""]
+  res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+  _one_line_error(res, "--workdir is empty")
+  assert not list(tmp_path.iterdir())   # nothing written into the current directory
 
 
 @pytest.mark.parametrize("bad,needle", [("count", "train."), ("utf8", "UTF-8"),
@@ -160,3 +180,58 @@ def test_default_config_needs_only_workdir():
   c = load_config("default")
   assert c.data.name in ("copy", "reverse", "sort", "swap")
   assert c.model.name == "transformer"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_checkpoints_to_keep", 0), ("batch_size", -4), ("grad_accum_steps", 0),
+    ("num_train_steps", 0), ("num_eval_batches", 0), ("decode.beam_size", 0),
+    ("learning_rate", -1e-3), ("label_smoothing", 1.0), ("eval_every_steps", True),
+])
+def test_check_fields_names_the_field(field, value):
+  from experiments.configs import default
+  from experiments.models import ConfigError
+  c = default.get_config()
+  train.check_fields(c)   # the default is fine
+  node, _, leaf = field.rpartition(".")
+  (c[node] if node else c)[leaf] = value
+  with pytest.raises(ConfigError, match=rf"^{field}={value!r} "):
+    train.check_fields(c)
+
+
+def test_config_json_without_checkpoint_is_replaced_and_kept(tmp_path):
+  from experiments.checkpoints import ResumeError, check_and_write_config
+  check_and_write_config({"batch_size": 64}, tmp_path, None)
+  # Stopped before its first checkpoint, the run restarts with another batch size:
+  # no checkpoint holds the old one, so it is not a resume and is not refused.
+  check_and_write_config({"batch_size": 32}, tmp_path, None)
+  assert json.loads((tmp_path / "config.json").read_text()) == {"batch_size": 32}
+  assert json.loads((tmp_path / "config.unused-1.json").read_text()) == {"batch_size": 64}
+  with pytest.raises(ResumeError, match="batch_size was 32, now 16"):
+    check_and_write_config({"batch_size": 16}, tmp_path, 10)   # with a checkpoint
+
+
+def test_grad_clip_norm_zero_keeps_optimizer_structure_and_does_not_clip():
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from experiments import optim
+  from experiments.configs import default
+  params = {"w": jnp.arange(3.0)}
+  grads = {"w": jnp.array([30.0, -40.0, 0.0])}   # global norm 50
+  states, updates = [], []
+  for clip in (0.0, 1.0):
+    c = default.get_config()
+    c.grad_clip_norm = clip
+    tx = optim.make_optimizer(c)
+    state = tx.init(params)
+    states.append(jax.tree.structure(state))
+    updates.append(tx.update(grads, state, params)[0]["w"])
+  assert states[0] == states[1]   # a resume may change grad_clip_norm
+  plain = optax.adamw(1.0, b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.0)
+  c = default.get_config()
+  scale = c.learning_rate
+  want = plain.update(grads, plain.init(params), params)[0]["w"] * scale
+  np.testing.assert_allclose(updates[0], want, rtol=1e-6)   # 0: no clipping
+  clipped = plain.update(jax.tree.map(lambda g: g / 50.0, grads), plain.init(params),
+                         params)[0]["w"] * scale
+  np.testing.assert_allclose(updates[1], clipped, rtol=1e-6)

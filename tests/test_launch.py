@@ -453,3 +453,19 @@ def test_local_sweep_kill_resume_and_report(tmp_path):
   assert f"| exit 2; log: {log} |" in rep.stdout and "does not divide" in rep.stdout
   assert (w / "report.md").read_text() == rep.stdout
   assert (w / "report_eval_accuracy.png").exists() and (w / "report.csv").exists()
+
+
+def test_run_config_and_is_complete_follow_the_latest_resume(tmp_path):
+  # First run: 30 steps. Resumed at 30 for 40 steps, then (an older resume file
+  # with a lower step) must not win over it.
+  (tmp_path / "config.json").write_text(json.dumps({"num_train_steps": 30}))
+  (tmp_path / "config.resume-4.json").write_text(json.dumps({"num_train_steps": 35}))
+  (tmp_path / "config.resume-30.json").write_text(json.dumps({"num_train_steps": 40}))
+  (tmp_path / "config.resume-x.json").write_text("not a resume file")
+  assert mf.run_config(str(tmp_path)) == {"num_train_steps": 40}
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text(json.dumps({"step": 30}) + "\n")
+  assert not mf.is_complete(str(tmp_path))   # config.json alone would say complete
+  metrics.write_text(json.dumps({"step": 30}) + "\n" + json.dumps({"step": 40}) + "\n")
+  assert mf.is_complete(str(tmp_path))
+  assert mf.run_config(str(tmp_path / "missing")) is None

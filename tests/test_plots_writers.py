@@ -173,8 +173,11 @@ def test_resume_truncates_and_never_duplicates_steps(tmp_path):
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 400, "eval/lo')
 
+  before = (tmp_path / "metrics.jsonl").read_text()
   resumed = MetricWriter(tmp_path, resume_step=200)
   assert [r["step"] for r in read_metrics(tmp_path)] == [100, 200]
+  # The dropped records are not lost: the whole previous file is kept beside.
+  assert (tmp_path / "metrics.jsonl.before-resume-1").read_text() == before
   assert not resumed.write_eval(200, {"eval/loss": 9.0})   # already recorded
   assert resumed.write_eval(300, {"eval/loss": 3.5})
   resumed.close()

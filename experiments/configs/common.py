@@ -8,6 +8,9 @@ from experiments.configs.default import base_config, transformer_model  # noqa: 
 from experiments.data import default_config as data_defaults
 
 
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
+
+
 def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
   """``"size=tiny,data=reverse,flag"`` -> ConfigDict over ``defaults``.
 
@@ -22,11 +25,15 @@ def parse_arg(arg: str | None, **defaults) -> config_dict.ConfigDict:
     if not value:
       out[key] = True
     elif isinstance(default, bool):
-      out[key] = value.lower() in ("1", "true", "yes")
-    elif isinstance(default, int):
-      out[key] = int(value)
-    elif isinstance(default, float):
-      out[key] = float(value)
+      if value.lower() not in _TRUE + _FALSE:
+        raise ValueError(f"config arg {key}={value!r} is not a boolean; use {key}=true or"
+                         f" {key}=false.")
+      out[key] = value.lower() in _TRUE
+    elif isinstance(default, (int, float)):
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"config arg {key}={value!r} is not a {type(default).__name__}.")
     else:
       out[key] = value
   return config_dict.ConfigDict(out)

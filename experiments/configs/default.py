@@ -53,6 +53,8 @@ def base_config() -> config_dict.ConfigDict:
 
 def transformer_model(size: str = "tiny") -> config_dict.ConfigDict:
   dims = {"tiny": (64, 2, 4, 128), "multi30k": (256, 3, 8, 512), "base": (512, 6, 8, 2048)}
+  if size not in dims:
+    raise ValueError(f"size={size!r} is unknown; use one of {sorted(dims)}.")
   emb, layers, heads, mlp = dims[size]
   m = config_dict.ConfigDict()
   m.name = "transformer"

@@ -164,6 +164,10 @@ def _field(cfg: Any, key: str) -> Any:
     return None
 
 
+_POSITIVE_INTS = ("max_len", "min_len", "num_symbols", "num_eval", "seq_len", "bucket_step",
+                  "min_count")
+
+
 def _resolve(cfg: Any) -> dict[str, Any]:
   name = _field(cfg, "name")
   if not name:
@@ -173,6 +177,11 @@ def _resolve(cfg: Any) -> dict[str, Any]:
     value = _field(cfg, key)
     if value is not None:
       resolved[key] = value
+  for key in _POSITIVE_INTS:
+    value = resolved[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise DataError(f"data.{key}={value!r} must be an integer >= 1; set"
+                      f" --config.data.{key}=N.")
   if resolved["eval_min_len"] is None:
     resolved["eval_min_len"] = resolved["min_len"]
   if resolved["eval_max_len"] is None:

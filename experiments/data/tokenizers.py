@@ -292,10 +292,16 @@ class SentencePieceTokenizer:
       raise ValueError("cannot train SentencePiece on an empty corpus")
 
     buffer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=buffer, minloglevel=2,
-        num_threads=max(1, min(os.cpu_count() or 1, 16)),
-        input_sentence_size=5_000_000, shuffle_input_sentence=True, **options)
+    logging.info("Training a %d-piece SentencePiece %s model on %d texts", int(vocab_size),
+                 model_type, len(texts))
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=iter(texts), model_writer=buffer, minloglevel=2,
+          num_threads=max(1, min(os.cpu_count() or 1, 16)),
+          input_sentence_size=5_000_000, shuffle_input_sentence=True, **options)
+    except RuntimeError as e:  # e.g. an unknown model_type or a vocab_size it cannot reach
+      raise ValueError(f"SentencePiece training failed ({' '.join(str(e).split())[:200]});"
+                       " check data.vocab_size and data.spm_model_type") from None
     tokenizer = cls(buffer.getvalue())
     logging.info("Trained SentencePiece %s model: %d pieces (asked for %d)",
                  model_type, tokenizer.size, vocab_size)

@@ -19,7 +19,9 @@ attend at least one key (padded queries have no softmax; flax fills them with th
 mean of the values, ours with zeros).
 Timing: median over ``--repeats`` rounds, each round calling every
 implementation once in turn, so load changes on a shared machine shift all of
-them together rather than whichever happened to run at the time.
+them together rather than whichever happened to run at the time. With
+``--calls_per_turn N`` each turn times N consecutive calls, as a training loop
+makes them (the median is over all of them).
 """
 
 from __future__ import annotations
@@ -92,23 +94,25 @@ def _mask(kind, b, t):
   return None
 
 
-def _time_interleaved(fns, args, repeats):
+def _time_interleaved(fns, args, repeats, calls_per_turn=1):
   """Median seconds per call of each function, timed round-robin.
 
   Every function gets a turn per round, so slow drifts in machine load (a shared
   CPU) hit all implementations alike and the ratios stay meaningful. A turn is an
-  untimed call, then the timed one: the first call after a different function
-  pays for the state of the heap that function left. With huge pages on, a flax
-  fwd+bwd at T=1024 took 704 ms right after the tiled backend and 433 ms right
-  after jax.nn; a training loop, which repeats one function, never pays that.
+  untimed call, then ``calls_per_turn`` timed ones: the first call after a
+  different function pays for the state of the heap that function left. With huge
+  pages on, a flax fwd+bwd at T=1024 took 704 ms right after the tiled backend and
+  433 ms right after jax.nn; a training loop, which repeats one function, never
+  pays that.
   """
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       jax.block_until_ready(fn(*args))
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
+      for _ in range(calls_per_turn):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[name].append(time.perf_counter() - start)
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -161,9 +165,10 @@ def run_speed(args):
         errors[name] = float(np.max(diff[rows_ok]))
         compiled[name] = (fwd, grad)
       t_fwd = _time_interleaved({n: f for n, (f, _) in compiled.items()},
-                                (q, k, v, mask), args.repeats)
+                                (q, k, v, mask), args.repeats, args.calls_per_turn)
       t_grad = _time_interleaved({n: g for n, (_, g) in compiled.items()},
-                                 (q, k, v, mask, cotangent), args.repeats)
+                                 (q, k, v, mask, cotangent), args.repeats,
+                                 args.calls_per_turn)
       base = {"fwd": t_fwd["flax"], "fwd_bwd": t_grad["flax"]} if "flax" in compiled else {}
       for name in compiled:
         t_f, t_b, err = t_fwd[name], t_grad[name], errors[name]
@@ -236,6 +241,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="bf16" if jax.default_backend() == "gpu" else "fp32",
                  choices=["fp32", "bf16"])
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--calls_per_turn", type=int, default=1,
+                 help="timed consecutive calls per implementation per round")
   p.add_argument("--blocks", nargs="*", default=[], type=_tile,
                  help="also time the tiled backend with these tiles, e.g. 128x128 512x256")
   p.add_argument("--memory", action="store_true", help="also run the peak-RSS sweep")

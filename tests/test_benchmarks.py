@@ -47,6 +47,15 @@ def test_attention_core_times_requested_tiles(tmp_path, capsys):
   assert "want BQxBK" in capsys.readouterr().err
 
 
+def test_time_interleaved_calls_each_function_per_turn():
+  calls = []
+  fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+  times = attention_core._time_interleaved(fns, (), repeats=2, calls_per_turn=3)
+  # Per round and function: one untimed call, then three timed consecutive ones.
+  assert calls == (["a"] * 4 + ["b"] * 4) * 2
+  assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+
+
 def test_matmul_forms_agree_and_report_ratios(tmp_path):
   from benchmarks import matmul_forms
   out = tmp_path / "forms.json"

@@ -10,7 +10,7 @@ Arg (comma-separated ``key=value``):
   family: seq2seq tasks: rnnencdec (no attention), rnnsearch (Bahdanau), luong,
     lstmn, transformer. ``task=text``: lstm (no attention), lstmn, transformer.
   task: a synthetic task (copy, reverse, sort, swap, addition), ``reverse_long``
-    (reversal of 5-50 symbols: Bahdanau Fig. 2's length effect in minutes of CPU),
+    (reversal of 5-40 symbols: Bahdanau Fig. 2's length effect in minutes of CPU),
     ``multi30k`` (pass ``--config.data.dir``) or ``text`` (a character-level LM;
     pass ``--config.data.path``).
   size: ``small`` (CPU minutes per family; default), ``paper`` (each family's own

@@ -4,7 +4,7 @@
         --workdir /tmp/rnnsearch_mt --config.data.dir=/path/to/multi30k
 
 Bidirectional GRU encoder, GRU decoder with additive attention, maxout deep
-output; emb 256, hidden 512 (GUIDE's Multi30k reference sizes).
+output; emb 256, hidden 512 (the sizes of common Multi30k baselines).
 Arg: ``data`` (multi30k or a synthetic task), ``tiny`` for a smoke run.
 """
 

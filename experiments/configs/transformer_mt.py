@@ -1,4 +1,4 @@
-"""Transformer (Vaswani et al. 2017) on Multi30k de->en, at the sizes of GUIDE's reference.
+"""Transformer (Vaswani et al. 2017) on Multi30k de->en, at the sizes of common Multi30k baselines.
 
     python -m experiments.run --config experiments/configs/transformer_mt.py \
         --workdir /tmp/transformer_mt --config.data.dir=/path/to/multi30k

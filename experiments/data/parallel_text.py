@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -247,8 +248,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(message)s")
-  download_multi30k(args.dest_dir, args.base_url, args.splits, args.langs,
-                    overwrite=args.overwrite)
+  try:
+    download_multi30k(args.dest_dir, args.base_url, args.splits, args.langs,
+                      overwrite=args.overwrite)
+  except DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -331,6 +331,10 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None,
   num_vms = getattr(args, "num_vms", None)
   nodes = [node.renamed(f"{node.name}-{i}") for i in range(num_vms)] if num_vms else [node]
   try:
+    if "://" in (getattr(args, "workdir", None) or ""):
+      raise SweepError(f"--workdir {args.workdir}: the trainer refuses storage URLs; mount"
+                       " the bucket on every worker (gcsfuse --implicit-dirs BUCKET"
+                       " /gcs/BUCKET) and pass the mounted path.")
     if args.cmd == "create":
       tpu.create(node)
     elif args.cmd == "setup":
@@ -351,6 +355,10 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None,
         os.makedirs(dest, exist_ok=True)
       tpu._call(gcloud.scp_from(node, gcloud.LOG_DIR, dest))
     elif args.cmd == "run":
+      path = split_config_arg(args.config)[0]
+      if not os.path.isfile(path):
+        raise SweepError(f"--config {path}: no such file in this checkout (setup copies the"
+                         " repo to the workers).")
       config = remote_config(args.config)
       run_name = args.run_name or os.path.basename(args.workdir.rstrip("/"))
       return tpu.run(node, run_name, ["--config", config, "--workdir", args.workdir, *extra])

@@ -114,6 +114,9 @@ def test_sweep_dry_run_prints_one_command_per_trial(tmp_path):
   assert not w.exists()   # a dry run writes nothing
   bad = _cli("launch.sweep", "--config", cfg, "--workdir", str(w), "--dry-run", "--bogus")
   assert bad.returncode == 2 and "--bogus" in bad.stderr
+  zero = _cli("launch.sweep", "--config", cfg, "--workdir", str(w), "--dry-run",
+              "--devices-per-trial", "0")
+  assert zero.returncode == 2 and "--devices-per-trial must be >= 1" in zero.stderr
 
 
 def _tpu(capsys, *args):
@@ -140,10 +143,10 @@ def test_tpu_dry_run_commands(capsys):
       f"{G} ssh t1 --zone us-central2-b --worker=all"
       " --command 'cd ~/attention && bash launch/run_tpu.sh setup'"]
   assert _tpu(capsys, "run", *base, "--config", "experiments/configs/luong_mt.py:data=reverse",
-              "--workdir", "gs://bkt/luong", "--config.seed=2") == [
+              "--workdir", "/gcs/bkt/luong", "--config.seed=2") == [
       f"{G} ssh t1 --zone us-central2-b --worker=all --command '{KILL}; cd ~/attention && bash"
       " launch/run_tpu.sh run luong --config experiments/configs/luong_mt.py:data=reverse"
-      " --workdir gs://bkt/luong --config.seed=2'"]
+      " --workdir /gcs/bkt/luong --config.seed=2'"]
   assert _tpu(capsys, "logs", *base, "--dest", "/tmp/logs") == [
       f"{G} scp --recurse t1:attention_logs /tmp/logs --zone us-central2-b --worker=all"]
   assert _tpu(capsys, "status", *base) == [
@@ -162,7 +165,7 @@ def test_tpu_sweep_dry_run_spreads_trials_over_vms(tmp_path, capsys, monkeypatch
   cfg = _write_config(tmp_path / "cfgs" / "s.py",
                       "def get_sweep(add):\n  for s in (0, 1, 2):\n    add(seed=s)\n")
   out = _tpu(capsys, "sweep", "--name", "sw", "--zone", "z", "--num-vms", "2", "--spot",
-             "--code-dir", "/src/attention", "--config", cfg, "--workdir", "gs://b/s")
+             "--code-dir", "/src/attention", "--config", cfg, "--workdir", "/gcs/b/s")
   prep = lambda vm: [  # noqa: E731
       f"{G} describe {vm} --zone z '--format=value(state)'",
       f"{G} create {vm} --zone z --accelerator-type v4-8 --version tpu-ubuntu2204-base --spot",
@@ -172,7 +175,7 @@ def test_tpu_sweep_dry_run_spreads_trials_over_vms(tmp_path, capsys, monkeypatch
   run = lambda vm, s: (  # noqa: E731
       f"{G} ssh {vm} --zone z --worker=all --command '{KILL}; cd ~/attention && bash"
       f" launch/run_tpu.sh run seed={s} --config cfgs/s.py"
-      f" --workdir gs://b/s/seed={s} --config.seed={s}'")
+      f" --workdir /gcs/b/s/seed={s} --config.seed={s}'")
   assert out == prep("sw-0") + [run("sw-0", 0), run("sw-0", 2)] + prep("sw-1") + [run("sw-1", 1)]
 
 
@@ -276,7 +279,7 @@ class FakeGcloud:
 
 
 RUN_ARGS = ["run", "--name", "t1", "--zone", "z", "--spot", "--code-dir", "/src/attention",
-            "--config", "experiments/configs/default.py", "--workdir", "gs://b/r",
+            "--config", "experiments/configs/default.py", "--workdir", "/gcs/b/r",
             "--retry-wait", "0"]
 
 
@@ -356,7 +359,7 @@ def test_tpu_sweep_threads_run_each_trial_once(tmp_path, monkeypatch):
   cfg = _write_config(tmp_path / "s.py",
                       "def get_sweep(add):\n  for s in range(5):\n    add(seed=s)\n")
   rc = tpu.main(["sweep", "--name", "sw", "--zone", "z", "--num-vms", "3", "--code-dir",
-                 "/src/attention", "--config", cfg, "--workdir", "gs://b/s",
+                 "/src/attention", "--config", cfg, "--workdir", "/gcs/b/s",
                  "--state-dir", str(tmp_path / "state")], runner=fake, sleep=lambda s: None)
   assert rc == 0
   runs = [c[-1].split("run_tpu.sh run ")[1].split()[0] for c in fake.calls
@@ -469,3 +472,15 @@ def test_run_config_and_is_complete_follow_the_latest_resume(tmp_path):
   metrics.write_text(json.dumps({"step": 30}) + "\n" + json.dumps({"step": 40}) + "\n")
   assert mf.is_complete(str(tmp_path))
   assert mf.run_config(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config", "experiments/configs/luong_mt.py", "--workdir", "gs://b/x"], "gcsfuse"),
+    (["--config", "experiments/configs/nope.py", "--workdir", "/gcs/b/x"], "no such file"),
+])
+def test_tpu_run_refuses_what_the_workers_would_fail_on(capsys, args, needle):
+  rc = tpu.main(["run", "--name", "t1", "--zone", "z", *args, "--dry-run"])
+  out = capsys.readouterr()
+  assert rc == 2 and out.out == ""   # refused before printing any gcloud command
+  errors = out.err.strip().splitlines()
+  assert len(errors) == 1 and errors[0].startswith("error: --") and needle in errors[0]

@@ -74,6 +74,12 @@ def _check(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
                      " experiments/data/parallel_text.py to download them).")
   if args.task == "text" and not args.data_path and not args.report_only:
     raise ValueError("--task text needs --data_path FILE (a plain-text training file).")
+  # Checked here once rather than failing in every family's run.
+  if not args.report_only:
+    if args.task == "text" and not os.path.isfile(args.data_path):
+      raise ValueError(f"--data_path {args.data_path}: no such file.")
+    if args.task == "multi30k" and not os.path.isdir(args.data_dir):
+      raise ValueError(f"--data_dir {args.data_dir}: no such directory.")
   bad = [e for e in extra if not e.startswith("--config.")]
   if bad:
     raise ValueError(f"unknown arguments {bad}; only --config.key=value overrides pass through.")

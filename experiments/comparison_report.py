@@ -6,6 +6,7 @@ so a report can be rebuilt at any time, on any machine that has the directories.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -97,12 +98,30 @@ def find_runs(root: str, names: Sequence[str] | None = None) -> list[Run]:
 
 
 def wall_seconds(root: str) -> dict[str, float]:
-  """``{family: training wall seconds}`` from ``experiments.compare``'s ``compare.json``."""
+  """``{run label: training wall seconds}``.
+
+  From ``experiments.compare``'s ``compare.json``, or else from a sweep's
+  ``sweep.json`` (a trial's last attempt, start to end; a resumed trial's
+  earlier attempts are not in it).
+  """
   path = os.path.join(root, "compare.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return {k: v.get("seconds") for k, v in json.load(f).items()}
+  path = os.path.join(root, "sweep.json")
   if not os.path.exists(path):
     return {}
   with open(path) as f:
-    return {k: v.get("seconds") for k, v in json.load(f).items()}
+    trials = json.load(f).get("trials", {})
+  out = {}
+  for name, rec in trials.items():
+    try:
+      start = datetime.datetime.fromisoformat(rec["start_time"])
+      end = datetime.datetime.fromisoformat(rec["end_time"])
+    except (KeyError, TypeError, ValueError):
+      continue
+    out[name] = (end - start).total_seconds()
+  return out
 
 
 def fmt(v: float | None, digits: int = 3) -> str:

@@ -102,7 +102,7 @@ def table4(root: str) -> str:
   cell = lambda r: f"{cr.fmt(r.get(metric))} ({cr.fmt(r.get('eval/perplexity'))})"  # noqa: E731
   text = "\n".join([f"{metric} (eval perplexity in brackets)", "",
                     _pivot(runs, "model.score", "model.mode", cell), "",
-                    cr.summary_table(runs)])
+                    cr.summary_table(runs, cr.wall_seconds(root))])
   return _write(os.path.join(root, "table4.md"), text)
 
 

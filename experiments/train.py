@@ -257,12 +257,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         " mounted path (e.g. a gcsfuse or NFS mount shared by all hosts).")
   check_fields(config)
   workdir = Path(workdir)
+  created = not workdir.exists()
   _check_workdir(workdir)
   primary = jax.process_index() == 0
-  with contextlib.ExitStack() as stack:
-    if primary:
-      stack.enter_context(WorkdirLock(workdir))
-    return _train_and_evaluate(config, workdir, primary)
+  try:
+    with contextlib.ExitStack() as stack:
+      if primary:
+        stack.enter_context(WorkdirLock(workdir))
+      return _train_and_evaluate(config, workdir, primary)
+  except BaseException:
+    if created and primary:
+      _remove_if_unused(workdir)
+    raise
+
+
+def _remove_if_unused(workdir: Path) -> None:
+  """Removes a workdir this run created if the run failed before writing to it."""
+  try:
+    if {p.name for p in workdir.iterdir()} <= {".lock"}:
+      (workdir / ".lock").unlink(missing_ok=True)
+      workdir.rmdir()
+  except OSError:
+    pass  # best effort: another process may have started writing there
 
 
 def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
@@ -271,6 +287,9 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
   _validate(config, mesh)
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P("data"))
+  # Config mistakes surface before the data pipeline writes to the workdir.
+  optim.learning_rate_fn(config)
+  create_model(config.model, src_vocab_size=8, tgt_vocab_size=8, max_len=8)
 
   try:
     ds = create_datasets(config.data, seed=config.seed, batch_size=config.batch_size,
@@ -289,7 +308,6 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
   model = create_model(config.model, src_vocab_size=ds.src_vocab.size,
                        tgt_vocab_size=ds.tgt_vocab.size, max_len=max_len)
   tx = optim.make_optimizer(config)
-  optim.learning_rate_fn(config)  # a bad schedule fails before anything is written
 
   def init_state(rng):
     params_rng, state_rng = jax.random.split(rng)

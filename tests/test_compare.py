@@ -307,6 +307,8 @@ def _main(capsys, *argv):
     (["--task", "text", "--data_path", "x.txt", "--families", "rnnsearch"], ["'rnnsearch'"]),
     (["--task", "reverse_long", "--stpes", "3"], ["'--stpes'", "--config.key=value"]),
     (["--task", "reverse_long", "data.dir=x"], ["'data.dir=x'"]),
+    (["--task", "text", "--data_path", "/nonexistent/t.txt"], ["/nonexistent/t.txt", "no such"]),
+    (["--task", "multi30k", "--data_dir", "/nonexistent/m30k"], ["/nonexistent/m30k", "no such"]),
 ])
 def test_cli_bad_input_one_line_errors(tmp_path, capsys, args, needles):
   rc, cap = _main(capsys, *args, "--workdir", str(tmp_path / "w"))

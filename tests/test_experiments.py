@@ -141,7 +141,7 @@ MT = ["--config", str(CONFIGS / "transformer_mt.py") + ":size=tiny,tiny",
 ])
 def test_cli_bad_input_one_line_errors(tmp_path, case, args, needles):
   _one_line_error(_cli(tmp_path, *args), *needles)
-  assert not (tmp_path / "w" / "checkpoints").exists()   # refused before any training
+  assert not (tmp_path / "w").exists()   # refused, and no empty workdir left behind
 
 
 def test_cli_empty_workdir_is_refused(tmp_path):

@@ -58,6 +58,9 @@ def _sweep(root: Path, trials: dict[str, tuple[dict, dict | None]]) -> Path:
     manifest[name] = {"name": name, "workdir": str(wd), "overrides": {},
                       "status": "done" if final is not None else "pending",
                       "command": "python -m experiments.run ..."}
+    if final is not None:   # as launch.sweep records a finished trial
+      manifest[name].update(start_time="2026-11-25T10:00:00+00:00",
+                            end_time=f"2026-11-25T10:{len(manifest):02d}:30+00:00")
   (root / "sweep.json").write_text(json.dumps({"config": "x.py", "trials": manifest}))
   return root
 
@@ -160,6 +163,9 @@ def test_table4_pivots_score_by_mode_with_missing_cells(tmp_path, capsys):
                        ["general", "23.4 (12.6)", "24.9 (11.7)"],
                        ["concat", "19.3 (16)", "–"]]   # concat/local-p never logged a metric
   assert [r[0] for r in summary[1:]] == [n for n, (_, f) in trials.items() if f]
+  # Wall seconds from sweep.json's start and end times (trial k ends at 10:0k:30).
+  wall = summary[0].index("wall s")
+  assert [r[wall] for r in summary[1:]] == ["90", "150", "210", "270", "330"]
   assert (root / "table4.md").read_text().strip() == out.strip()
 
 

@@ -280,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.devices_per_trial is not None and args.devices_per_trial < 1:
     parser.error("--devices-per-trial must be >= 1 (or left out: the devices split evenly)")
   try:
-    trials = make_trials(args.config, load_sweep(args.config), args.workdir, extra, args.python)
+    trials = make_trials(args.config, load_sweep(args.config, extra), args.workdir, extra,
+                         args.python)
     if args.dry_run:
       for t in trials:
         print(t.command)

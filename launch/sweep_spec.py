@@ -129,12 +129,14 @@ def _import_config(path: str):
   return module
 
 
-def load_sweep(config: str) -> list[dict[str, Any]]:
+def load_sweep(config: str, extra: Sequence[str] = ()) -> list[dict[str, Any]]:
   """Imports the config file and collects its trials.
 
   Args:
     config: ``path/to/config.py`` with an optional ``:arg``; ``get_sweep`` receives
       the arg when it has a parameter named ``arg``.
+    extra: ``--config.key=value`` overrides for every trial; their keys are
+      checked like the swept ones, so a typo fails before any trial starts.
 
   Returns:
     The override dicts, in the order the config produced them.
@@ -176,11 +178,15 @@ def load_sweep(config: str) -> list[dict[str, Any]]:
         except ValueError as e:
           raise SweepError(f"{path}: get_config({trial_arg!r}) failed: {e}") from None
       _check_keys(configs[trial_arg], [t], path)
+      extra_keys = {e.split("=", 1)[0][len("--config."):]: None for e in extra
+                    if e.startswith("--config.")}
+      _check_keys(configs[trial_arg], [extra_keys], path, what="--extra override")
   return trials
 
 
-def _check_keys(cfg, trials: list[dict[str, Any]], path: str) -> None:
-  """Fails before anything is launched when a swept field does not exist."""
+def _check_keys(cfg, trials: list[dict[str, Any]], path: str,
+                what: str = "swept field") -> None:
+  """Fails before anything is launched when a swept (or overridden) field does not exist."""
   for t in trials:
     for key in t:
       if key == CONFIG_ARG:
@@ -190,7 +196,7 @@ def _check_keys(cfg, trials: list[dict[str, Any]], path: str) -> None:
         try:
           node = node[part]
         except (KeyError, TypeError, AttributeError):
-          raise SweepError(f"{path}: swept field {key!r} is not in the config.") from None
+          raise SweepError(f"{path}: {what} {key!r} is not in the config.") from None
 
 
 @dataclasses.dataclass

@@ -364,7 +364,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner | None = None,
       return tpu.run(node, run_name, ["--config", config, "--workdir", args.workdir, *extra])
     elif args.cmd == "sweep":
       config = remote_config(args.config)
-      trials = make_trials(config, load_sweep(args.config), args.workdir, extra, "python")
+      trials = make_trials(config, load_sweep(args.config, extra), args.workdir, extra,
+                           "python")
       manifest = None
       if not args.dry_run:
         state_dir = args.state_dir or os.path.join("tpu_sweeps", node.name)

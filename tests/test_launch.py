@@ -117,6 +117,11 @@ def test_sweep_dry_run_prints_one_command_per_trial(tmp_path):
   zero = _cli("launch.sweep", "--config", cfg, "--workdir", str(w), "--dry-run",
               "--devices-per-trial", "0")
   assert zero.returncode == 2 and "--devices-per-trial must be >= 1" in zero.stderr
+  typo = _cli("launch.sweep", "--config", cfg, "--workdir", str(w), "--dry-run",
+              "--extra", "--config.num_train_stpes=4")
+  assert typo.returncode == 2 and typo.stdout == ""
+  assert "--extra override 'num_train_stpes' is not in the config" in typo.stderr
+  assert not w.exists()
 
 
 def _tpu(capsys, *args):

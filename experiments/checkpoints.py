@@ -165,13 +165,16 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+  def restore_latest(self, abstract_state: Any, fallback: bool = True
+                     ) -> tuple[int, Any, dict] | None:
     """``(step, state, data_state)`` of the newest checkpoint that restores, or None.
 
     A newer checkpoint that fails to restore (truncated or damaged files) is
     moved to ``checkpoints_unreadable/<step>`` once an older one has restored,
     so that the run's next save at that step is not skipped; nothing is
     deleted. If none restores, raises :class:`ResumeError` and moves nothing.
+    Without ``fallback`` (several processes, which would race to move it and
+    then disagree on which steps exist) the first failure is that error.
     """
     self.manager.reload()
     steps = sorted(self.manager.all_steps(), reverse=True)
@@ -184,6 +187,11 @@ class Checkpointer:
         # nobody retrieves; asyncio would log a traceback for each of them.
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         failed.append((step, _one_line(e)))
+        if not fallback:
+          raise ResumeError(
+              f"checkpoint {step} in {self.directory} could not be restored ({failed[-1][1]});"
+              f" move {self.directory / str(step)} aside to resume from the one before it,"
+              " or use a fresh --workdir.") from None
         log.warning("checkpoint %d in %s could not be restored: %s", step, self.directory,
                     failed[-1][1])
         continue

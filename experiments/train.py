@@ -32,7 +32,7 @@ from attention.dispatch import IMPLEMENTATIONS
 from experiments import evaluate, optim
 from experiments.checkpoints import Checkpointer, WorkdirLock, check_and_write_config
 from experiments.data import DataError, create_datasets
-from experiments.metric_writers import MetricWriter
+from experiments.metric_writers import MetricWriter, read_metrics
 from experiments.models import ConfigError, create_model, model_task
 from experiments.progress import Progress
 
@@ -327,7 +327,7 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
       check_and_write_config(config.to_dict(), workdir, ckpt.latest_step())
     abstract_sharded = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
-    restored = ckpt.restore_latest(abstract_sharded)
+    restored = ckpt.restore_latest(abstract_sharded, fallback=jax.process_count() == 1)
     latest = None
     if restored is not None:
       latest, state, data_state = restored
@@ -351,14 +351,16 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
         log.info("host huge pages: %s (attention/huge_pages.py)",
                  "on" if huge_pages.active() else "off")
 
-    def run_eval(step: int, train_loss: float) -> dict:
+    def run_eval(step: int, train_loss: float | None) -> dict:
       from experiments import eval_loop  # local: plots pull in matplotlib
       metrics = eval_loop.evaluate_all(config, model, state.params, ds, eval_step, data_sharding,
                                        workdir, step, writer, task, _host,
                                        final=step == config.num_train_steps,
                                        note=progress.note)
       # Reports (launch.report, experiments.compare) read only metrics.jsonl.
-      metrics.update({"train/loss": train_loss, "model/num_params": float(num_params)})
+      if train_loss is not None:
+        metrics["train/loss"] = train_loss
+      metrics["model/num_params"] = float(num_params)
       writer.write_eval(step, metrics)
       return metrics
 
@@ -420,6 +422,14 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
         log.warning("%s: saved checkpoint at step %d in %s; re-run the same command to"
                     " resume.", preempt.reason, step, workdir / "checkpoints")
         break
+    # The final checkpoint is saved before the final eval, so a run killed
+    # between the two resumes at its last step: evaluate then (every host reads
+    # the same shared metrics.jsonl, so all take this branch or none).
+    final_done = any(r.get("step") == config.num_train_steps and "eval/loss" in r
+                     for r in read_metrics(workdir))
+    if step == config.num_train_steps and not last_metrics and not final_done:
+      last_metrics = {"step": step, **run_eval(step, None)}
+      progress.message(step, last_metrics)
     writer.close()
     progress.close()
   if primary:

@@ -246,6 +246,24 @@ def test_unreadable_latest_checkpoint_falls_back_to_older_one(reference, tmp_pat
   assert backup.read_text() == (reference / "metrics.jsonl").read_text()
 
 
+def test_killed_between_final_checkpoint_and_final_eval_evaluates_on_resume(
+    reference, tmp_path):
+  # The last checkpoint is saved before the last eval; a kill between the two
+  # leaves a finished checkpoint without the final metrics line.
+  workdir = tmp_path / "run"
+  shutil.copytree(reference, workdir)
+  want = metric_lines(reference)
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in want[:-1]))
+  res = run_to_end(workdir, KILL_RUN)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert re.search(rf"resumed from \S+ at step {KILL_STEPS}\b", res.stderr)
+  got = metric_lines(workdir)
+  assert [r["step"] for r in got] == [r["step"] for r in want]
+  final = {k: v for k, v in want[-1].items() if k != "train/loss"}  # not known on resume
+  assert got[-1] == final
+  assert ckpt_steps(workdir)[-1] == KILL_STEPS
+
+
 # --------------------------------------------------------------------------
 # SIGTERM: checkpoint at the next step, exit 0, resume from there.
 # --------------------------------------------------------------------------
@@ -402,3 +420,26 @@ def test_changing_learning_rate_does_not_recompile_train_step():
     state, _ = step_fn(state, next(ds.train), np.float32(lr_fn(step)))
   assert int(state.step) == 3
   assert step_fn._cache_size() == 1
+
+
+def test_restore_latest_without_fallback_names_the_step_and_moves_nothing(tmp_path):
+  import jax.numpy as jnp
+  from experiments.checkpoints import Checkpointer, ResumeError
+  state = {"w": jnp.arange(4096, dtype=jnp.float32)}
+  with Checkpointer(tmp_path / "checkpoints", max_to_keep=3) as ckpt:
+    for step in (5, 10):
+      ckpt.save(step, {"w": state["w"] + step}, {"pos": step}, wait=True)
+  files = [p for p in (tmp_path / "checkpoints" / "10" / "state").rglob("*") if p.is_file()]
+  victim = max(files, key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[:100])
+  before = snapshot(tmp_path)
+  with Checkpointer(tmp_path / "checkpoints", max_to_keep=3) as ckpt:
+    with pytest.raises(ResumeError, match=r"checkpoint 10 in .* move .*10 aside"):
+      ckpt.restore_latest(state, fallback=False)
+  assert snapshot(tmp_path) == before    # several processes: nothing moved
+  with Checkpointer(tmp_path / "checkpoints", max_to_keep=3) as ckpt:
+    step, got, data = ckpt.restore_latest(state)
+  assert step == 5 and data == {"pos": 5}
+  np.testing.assert_array_equal(got["w"], np.arange(4096) + 5)
+  assert ckpt_steps(tmp_path) == [5]
+  assert (tmp_path / "checkpoints_unreadable" / "10-1").is_dir()

@@ -48,6 +48,12 @@ def describe() -> str:
   device = jax.devices()[0]
   if device.platform != "cpu":
     return f"{device.device_kind} x{jax.device_count()}"
+  return host_description()
+
+
+def host_description() -> str:
+  """This machine's processor, without touching JAX (so a parent process that only
+  launches accelerator jobs does not claim the accelerator)."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
       text = f.read()

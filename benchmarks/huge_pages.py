@@ -104,7 +104,9 @@ def main(argv=None) -> int:
     for huge_on in (False, True):
       runs[huge_on].append(_run(huge_on, args))
   small, huge = (_best(runs[h]) for h in (False, True))
-  print(f"THP mode {huge_pages.thp_mode()}, glibc {huge_pages.glibc_version()};"
+  from benchmarks import device_info
+  host = device_info.host_description()
+  print(f"host: {host}; THP mode {huge_pages.thp_mode()}, glibc {huge_pages.glibc_version()};"
         f" huge pages took effect: {huge['huge_pages']}")
   print(f"\n{'workload':44s} {'4 KiB ms':>9s} {'faults':>8s} {'huge ms':>9s} {'faults':>8s}"
         f" {'speed-up':>8s}")
@@ -117,7 +119,8 @@ def main(argv=None) -> int:
           f" {a['ms'] / b['ms']:8.2f}")
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump(dict(args=vars(args), took_effect=huge["huge_pages"], rows=rows), f, indent=1)
+    json.dump(dict(args=vars(args), host=host, took_effect=huge["huge_pages"], rows=rows), f,
+              indent=1)
   print(f"wrote {args.out}")
   return 0
 

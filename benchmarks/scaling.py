@@ -30,6 +30,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks import device_info
+
 _MARK = "SCALING_RESULT "
 
 
@@ -131,6 +133,8 @@ def main(argv=None):
   if bad:
     p.error(f"--batch {args.batch} is not divisible by device counts {bad}.")
 
+  host = device_info.host_description()
+  print(f"host: {host}", flush=True)
   runs = []
   for n in args.devices:
     r = _run(n, args)
@@ -156,7 +160,7 @@ def main(argv=None):
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"args": {k: v for k, v in vars(args).items() if k != "_child"},
-               "device_kind": runs[0]["device_kind"], "rows": rows,
+               "host": host, "device_kind": runs[0]["device_kind"], "rows": rows,
                "max_rel_diff": worst, "pass": ok}, f, indent=1)
   print(f"wrote {args.out}")
   return 0 if ok else 1

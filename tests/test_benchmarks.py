@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import attention_core, train_step
+from benchmarks import attention_core, device_info, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,6 +152,8 @@ def test_scaling_loss_equal_on_one_and_two_devices(tmp_path):
   assert result["pass"] and [r["devices"] for r in result["rows"]] == [1, 2]
   assert result["max_rel_diff"] < 1e-4
   assert len(result["rows"][1]["losses"]) == 3
+  host = device_info.host_description()
+  assert result["host"] == host and f"host: {host}" in res.stdout
 
 
 def test_huge_pages_benchmark_runs_both_settings(tmp_path):
@@ -165,6 +167,7 @@ def test_huge_pages_benchmark_runs_both_settings(tmp_path):
   expected = huge_pages.thp_mode() == "always" or huge_pages.huge_pages_environ(
       {}, glibc=huge_pages.glibc_version(), thp=huge_pages.thp_mode()) is not None
   assert got["took_effect"] == expected
+  assert got["host"] == device_info.host_description()
   assert [r["workload"].split(",")[0] for r in got["rows"]] == [
       "x * 2", "q kᵀ", "flax attention fwd+bwd", "ours (None) attention fwd+bwd"]
   for r in got["rows"]:

@@ -252,9 +252,13 @@ def main(argv=None):
   p.add_argument("--memory_lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
   p.add_argument("--memory_heads", type=int, default=1)
   p.add_argument("--memory_timeout", type=float, default=900)
-  p.add_argument("--out", default="benchmarks/out/attention_core.json")
+  p.add_argument("--out", default=None, help="default: benchmarks/out/attention_core.json,"
+                 " or attention_core_memory.json with --memory_only (so the timings stay)")
   p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.out is None:
+    args.out = ("benchmarks/out/attention_core_memory.json" if args.memory_only
+                else "benchmarks/out/attention_core.json")
   if args._child:
     impl, t, h, d = args._child
     return _peak_rss_child(impl, int(t), int(h), int(d))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention.masks import as_bool_mask, causal_mask
+from attention.masks import causal_mask
 from attention.transposed_matmul import pt_matmul
 
 # Finite stand-in for -inf: exp(NEG_INF - m) underflows to 0 and max() of a
@@ -460,16 +460,13 @@ def attention(query, key, value, bias=None, mask=None, *, is_causal=False, scale
     ``[batch..., q_len, heads, v_head_dim]``.
   """
   # local: core imports this module
-  from attention.core import check_is_causal, check_mask_shape, grouped
+  from attention.core import check_is_causal, checked_mask_bias, grouped
 
   # The same checks as dot_product_attention's, for direct callers: tiles
   # slice a mask/bias by its trailing dims, so a wrong shape gives wrong
   # values rather than an error.
   check_is_causal(is_causal)
-  mask = as_bool_mask(mask)
-  bias = None if bias is None else jnp.asarray(bias)
-  check_mask_shape("mask", mask, query, key)
-  check_mask_shape("bias", bias, query, key)
+  mask, bias = checked_mask_bias(mask, bias, query, key)
   batch = jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3])
   nb = len(batch)
   q_len, heads, d = query.shape[-3:]

@@ -92,6 +92,16 @@ _SHAPE_HINTS = {
 }
 
 
+def checked_mask_bias(mask: Any, bias: Any, query: Array, key: Array
+                      ) -> tuple[Array | None, Array | None]:
+  """``(mask, bias)`` as arrays (the mask boolean), each checked by :func:`check_mask_shape`."""
+  mask = as_bool_mask(mask)
+  bias = None if bias is None else jnp.asarray(bias)
+  check_mask_shape("mask", mask, query, key)
+  check_mask_shape("bias", bias, query, key)
+  return mask, bias
+
+
 def check_mask_shape(name: str, x: Array | None, query: Array, key: Array) -> None:
   """Raises unless ``x`` broadcasts to ``[batch..., heads, q_len, kv_len]``.
 
@@ -184,10 +194,7 @@ def dot_product_attention_weights(
   """
   check_is_causal(is_causal)
   _, groups = _split_heads(query, key)
-  mask = as_bool_mask(mask)
-  bias = None if bias is None else jnp.asarray(bias)
-  check_mask_shape("mask", mask, query, key)
-  check_mask_shape("bias", bias, query, key)
+  mask, bias = checked_mask_bias(mask, bias, query, key)
   key = jnp.repeat(key, groups, axis=-2) if groups > 1 else key
   if is_causal:
     mask = and_masks(mask, causal_mask(query.shape[-3], key.shape[-3]))
@@ -342,10 +349,7 @@ def dot_product_attention(
   _split_heads(query, key)
   # Every argument is checked here, before dispatch, so that all backends
   # reject the same inputs (each used to ignore or misread a different subset).
-  mask = as_bool_mask(mask)
-  bias = None if bias is None else jnp.asarray(bias)
-  check_mask_shape("mask", mask, query, key)
-  check_mask_shape("bias", bias, query, key)
+  mask, bias = checked_mask_bias(mask, bias, query, key)
   check_is_causal(is_causal)
   # 1 is refused too: every weight dropped is an all-zero output, never intended.
   _dropout.check_rate(dropout_rate, "dropout_rate", allow_one=False)

@@ -26,7 +26,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from experiments.metric_writers import flatten
+from experiments.metric_writers import flatten, free_path
 
 # Fields a resumed run may change: they alter neither shapes nor data order.
 RESUMABLE_CHANGES = (
@@ -58,7 +58,7 @@ def check_and_write_config(config_dict: dict, workdir: Path, step: int | None) -
     # No checkpoint was saved under the old config (e.g. stopped before the
     # first save): this run starts afresh, so its config is the run's config.
     if path.read_text() != new_json:
-      keep = _free_name(workdir, "config.unused-{}.json")
+      keep = free_path(workdir / "config.unused-{}.json")
       os.replace(path, keep)
       log.warning("%s had no checkpoint; its config is kept as %s", path, keep.name)
       _atomic_write(path, new_json)
@@ -74,14 +74,6 @@ def check_and_write_config(config_dict: dict, workdir: Path, step: int | None) -
         f" (+{len(fatal) - 1} more); use a fresh --workdir or restore the old value.")
   if changed:
     _atomic_write(workdir / f"config.resume-{step or 0}.json", new_json)
-
-
-def _free_name(directory: Path, pattern: str) -> Path:
-  """The first ``directory / pattern.format(n)``, n = 1, 2, ..., that does not exist."""
-  n = 1
-  while (directory / pattern.format(n)).exists():
-    n += 1
-  return directory / pattern.format(n)
 
 
 class WorkdirLock:
@@ -176,7 +168,6 @@ class Checkpointer:
     Without ``fallback`` (several processes, which would race to move it and
     then disagree on which steps exist) the first failure is that error.
     """
-    self.manager.reload()
     steps = sorted(self.manager.all_steps(), reverse=True)
     failed: list[tuple[int, str]] = []
     for step in steps:
@@ -214,7 +205,7 @@ class Checkpointer:
       src = self.directory / str(step)
       if src.exists():
         self._aside_dir.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(src), str(_free_name(self._aside_dir, f"{step}" + "-{}")))
+        shutil.move(str(src), str(free_path(self._aside_dir / f"{step}-{{}}")))
     self.manager.reload()
 
   def close(self) -> None:

@@ -24,7 +24,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 from experiments import comparison_report
@@ -159,9 +158,8 @@ def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[s
     _save_runs(args.workdir, runs)
     if rc != 0:
       failed += 1
-      errors = [line for line in Path(log).read_text(errors="replace").splitlines()
-                if line.startswith("error:")] if Path(log).is_file() else []
-      why = f" ({errors[-1][len('error:'):].strip()})" if errors else ""
+      last = manifest.error_line(log)
+      why = f" ({last[len('error:'):].strip()})" if last.startswith("error:") else ""
       print(f"error: {family} exited with {rc}{why}; see {log}", file=sys.stderr, flush=True)
   return failed
 

@@ -100,7 +100,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
   return out
 
 
-def _free_path(pattern: Path) -> Path:
+def free_path(pattern: str | os.PathLike) -> Path:
   """``pattern`` (a path with one ``{}``) with the first n = 1, 2, ... that does not exist."""
   n = 1
   while Path(str(pattern).format(n)).exists():
@@ -160,7 +160,7 @@ class MetricWriter:
     lines = [json.dumps(r, allow_nan=False) + "\n" for r in kept]
     if "".join(lines) != raw:
       dropped = len([line for line in raw.splitlines() if line.strip()]) - len(kept)
-      backup = _free_path(self.jsonl_path.with_name(METRICS_FILE + ".before-resume-{}"))
+      backup = free_path(self.jsonl_path.with_name(METRICS_FILE + ".before-resume-{}"))
       backup.write_text(raw, encoding="utf-8")  # the records a resumed run recomputes
       logging.warning("metrics.jsonl: keeping %d records, dropping %d after step %s (the"
                       " previous file is kept as %s)", len(kept), dropped, resume_step,

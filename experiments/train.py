@@ -288,7 +288,7 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P("data"))
   # Config mistakes surface before the data pipeline writes to the workdir.
-  optim.learning_rate_fn(config)
+  lr_fn = optim.learning_rate_fn(config)
   create_model(config.model, src_vocab_size=8, tgt_vocab_size=8, max_len=8)
 
   try:
@@ -322,7 +322,6 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
   # the run (a second Ctrl-C, an error in eval): a save that started completes.
   with Checkpointer(workdir / "checkpoints", config.max_checkpoints_to_keep) as ckpt, \
        _Preemption() as preempt:
-    lr_fn = optim.learning_rate_fn(config)
     if primary:
       check_and_write_config(config.to_dict(), workdir, ckpt.latest_step())
     abstract_sharded = jax.tree.map(
@@ -425,9 +424,8 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
     # The final checkpoint is saved before the final eval, so a run killed
     # between the two resumes at its last step: evaluate then (every host reads
     # the same shared metrics.jsonl, so all take this branch or none).
-    final_done = any(r.get("step") == config.num_train_steps and "eval/loss" in r
-                     for r in read_metrics(workdir))
-    if step == config.num_train_steps and not last_metrics and not final_done:
+    if step == config.num_train_steps and not last_metrics and not any(
+        r.get("step") == step and "eval/loss" in r for r in read_metrics(workdir)):
       last_metrics = {"step": step, **run_eval(step, None)}
       progress.message(step, last_metrics)
     writer.close()

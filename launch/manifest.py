@@ -47,6 +47,20 @@ def last_metrics(workdir: str) -> dict[str, Any] | None:
     return None
 
 
+def error_line(log_path: str) -> str:
+  """The one-line ``error:`` that experiments.run prints, else the log's last line."""
+  try:
+    with open(log_path, "rb") as f:
+      f.seek(0, os.SEEK_END)
+      f.seek(max(0, f.tell() - 20000))
+      lines = f.read().decode(errors="replace").splitlines()
+  except OSError:
+    return ""
+  errors = [l for l in lines if l.startswith("error:")]
+  tail = [l for l in lines if l.strip()]
+  return (errors or tail or [""])[-1].strip()
+
+
 def run_config(workdir: str) -> dict[str, Any] | None:
   """The config the run in ``workdir`` last ran with, or None.
 
@@ -59,7 +73,7 @@ def run_config(workdir: str) -> dict[str, Any] | None:
     from etils import epath
     names = [p.name for p in epath.Path(root).glob("config.resume-*.json")]
   else:
-    names = [n for n in os.listdir(root)] if os.path.isdir(root) else []
+    names = os.listdir(root) if os.path.isdir(root) else []
   resumes = [n for n in names if re.fullmatch(r"config\.resume-\d+\.json", n)]
   name = max(resumes, key=lambda n: int(n.split("-")[1].split(".")[0]), default="config.json")
   try:

@@ -123,20 +123,6 @@ def _die_with_parent() -> None:
     pass
 
 
-def _error_line(log_path: str) -> str:
-  """The one-line ``error:`` that experiments.run prints, else the log's last line."""
-  try:
-    with open(log_path, "rb") as f:
-      f.seek(0, os.SEEK_END)
-      f.seek(max(0, f.tell() - 20000))
-      lines = f.read().decode(errors="replace").splitlines()
-  except OSError:
-    return ""
-  errors = [l for l in lines if l.startswith("error:")]
-  tail = [l for l in lines if l.strip()]
-  return (errors or tail or [""])[-1].strip()
-
-
 def _duration(seconds: float) -> str:
   return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
@@ -219,7 +205,7 @@ def _finish(trial: Trial, rc: int, manifest: mf.Manifest, seconds: float, out: T
     manifest.update(trial.name, status=mf.DONE, returncode=rc, end_time=mf.now(), pid=None)
     print(f"[done] {trial.name} ({_duration(seconds)})", file=out, flush=True)
     return
-  error = _error_line(log_path) if rc else "exited 0 before its last step (SIGTERM?)"
+  error = mf.error_line(log_path) if rc else "exited 0 before its last step (SIGTERM?)"
   manifest.update(trial.name, status=mf.FAILED, returncode=rc, end_time=mf.now(), pid=None,
                   error=error)
   print(f"error: trial {trial.name} failed (exit {rc}): {error}; log: {log_path}",

@@ -20,7 +20,9 @@ beam step gather every non-scalar leaf along the beams' ancestry. Scalar
 (ndim 0) leaves, e.g. a cache index, are shared and never gathered.
 
 Outputs never contain ``BOS``; a finished sequence holds its ``EOS`` and then
-``PAD``. Alignments ``aux[name]`` are stacked per output step: ``[B, L, ...,
+``PAD``. The searches never pick ``BOS`` or ``PAD`` as a token (a model puts some
+probability on them, trained or not); scores stay the model's own
+log-probabilities, not renormalised over the other tokens. Alignments ``aux[name]`` are stacked per output step: ``[B, L, ...,
 S]``, zero after ``EOS``, and for beam search follow each returned beam's own
 history.
 """
@@ -108,6 +110,16 @@ def _put_axis(buf: Array, i: Array, value: Array, axis: int) -> Array:
   return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), i, axis)
 
 
+def _emittable_logp(logits: Array, bos_id: int, pad_id: int) -> Array:
+  """float32 log-softmax of ``logits [..., V]`` with ``BOS`` and ``PAD`` at ``-inf``.
+
+  Fed back, an emitted ``PAD`` is a skipped step for the recurrent models, so a
+  hypothesis would end there without ``EOS``.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return logp.at[..., jnp.array([bos_id, pad_id])].set(-jnp.inf)
+
+
 def greedy_search(step_fn: StepFn, init_state: PyTree, *, batch_size: int, max_len: int,
                   bos_id: int = BOS, eos_id: int = EOS, pad_id: int = PAD) -> DecodeResult:
   """Picks the most likely token at every step.
@@ -137,7 +149,7 @@ def greedy_search(step_fn: StepFn, init_state: PyTree, *, batch_size: int, max_l
     i, last, out, finished, score, old_state, aux_buf = carry
     logits, state, aux = step_fn(last, old_state)
     state = _like(state, old_state)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = _emittable_logp(logits, bos_id, pad_id)
     tok = jnp.argmax(logp, axis=-1).astype(jnp.int32)
     alive = ~finished
     score = score + jnp.where(alive, jnp.take_along_axis(logp, tok[:, None], -1)[:, 0], 0.0)
@@ -169,9 +181,11 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, batch_size: int, beam_si
   ranked after finished ones.
 
   With ``beam_size=1`` the alive beam follows greedy search's path. With
-  ``alpha=0`` the result is greedy's, except when an earlier ``EOS`` that was
-  the runner-up scored better: then that shorter, higher-scoring hypothesis
-  is returned. (:func:`decode` runs :func:`greedy_search` for ``beam_size=1``.)
+  ``alpha=0`` the result is greedy's, except in two cases: when an earlier
+  ``EOS`` that was the runner-up scored better (that shorter, higher-scoring
+  hypothesis is returned), and when greedy reaches ``max_len`` without ``EOS``
+  while some hypothesis finished (finished ones rank first, even at a lower
+  score). (:func:`decode` runs :func:`greedy_search` for ``beam_size=1``.)
 
   Args:
     step_fn: ``(tokens [B*K], state) -> (logits [B*K, V], state, aux)``.
@@ -214,7 +228,7 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, batch_size: int, beam_si
     logits, state, aux = step_fn(last.reshape(-1), old_state)
     state = _like(state, old_state)
     vocab = logits.shape[-1]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
+    logp = _emittable_logp(logits, bos_id, pad_id).reshape(b, k, vocab)
     cand_lp, cand = jax.lax.top_k((alive_lp[:, :, None] + logp).reshape(b, k * vocab), 2 * k)
     cand_beam, cand_tok = cand // vocab, (cand % vocab).astype(jnp.int32)
     cand_eos = cand_tok == eos_id

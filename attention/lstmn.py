@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attention.initializers import orthogonal
 from attention.masks import masked_softmax
 
 __all__ = ["LSTMNCarry", "FusionCarry", "EncoderTape", "LSTMNCell",
@@ -39,7 +40,7 @@ Dtype = Any
 Initializer = Callable[..., Array]
 
 _default_kernel_init = nn.initializers.lecun_normal()
-_default_recurrent_init = nn.initializers.orthogonal()
+_default_recurrent_init = orthogonal()
 
 
 class LSTMNCarry(NamedTuple):
@@ -97,8 +98,9 @@ class _LSTMNConfig(nn.Module):
     Attributes:
         features: hidden/memory size.
         attention_dim: size of the additive-attention space (default features).
-        dtype: computation and carry dtype (None: float32 carry, promoted
-            compute). Attention softmax is always float32.
+        dtype: computation and carry dtype (None: the carry in
+            ``param_dtype``, promoted compute). Attention softmax is always
+            float32.
         param_dtype: parameter dtype.
         kernel_init: initializer for input-side kernels.
         recurrent_kernel_init: initializer for kernels applied to states.
@@ -276,8 +278,14 @@ class _FusionCellBase(LSTMNCell):
                  enc_memory: Optional[Array]) -> EncoderTape:
         if enc_mask is None:
             enc_mask = jnp.ones(enc_hidden.shape[:2], bool)
+        enc_mask = enc_mask.astype(bool)
+        # Zero weight times a NaN or inf in a padded slot would still be NaN.
+        keep = enc_mask[..., None]
+        enc_hidden = jnp.where(keep, enc_hidden, 0)
+        if enc_memory is not None:
+            enc_memory = jnp.where(keep, enc_memory, 0)
         return EncoderTape(hidden=enc_hidden, proj=self.W_gamma(enc_hidden),
-                           mask=enc_mask.astype(bool), memory=enc_memory)
+                           mask=enc_mask, memory=enc_memory)
 
     def _inter_attention(self, gamma_prev: Array, x_t: Array,
                          enc: EncoderTape) -> Tuple[Array, Array]:

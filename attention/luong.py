@@ -82,6 +82,12 @@ class LuongAttention(nn.Module):
     * Source positions are 0-based. Window membership is ``|s - p_t| <= D``
       and is combined with the user mask; positions outside it get exactly
       zero weight, and the softmax is taken over the in-window positions.
+    * ``local-m`` centres the window at ``min(t, last)``, where ``last`` is the
+      last attendable source position of the row (``kv_len - 1`` without a
+      mask). The paper assumes a target no longer than its source; without
+      the clamp, every step past ``last + D`` (a target longer than its
+      source, or a decoder running to ``max_len``) would see no source
+      position and get a zero context.
     * ``local-p`` uses ``S`` = number of attendable positions in the user mask
       row (the true per-example source length with padding masks), or
       ``kv_len`` when there is no mask, so that ``p_t`` cannot land in
@@ -90,6 +96,9 @@ class LuongAttention(nn.Module):
       renormalised (as in the paper), so they sum to less than 1. The window
       mask is piecewise constant; gradients reach ``W_p`` and ``v_p`` through
       the Gaussian term.
+    * ``local-p``'s ``p_t = S * sigmoid(.)`` lies in ``(0, S)`` on the 0-based
+      positions, as the paper's formula reads; its 1-based positions would put
+      it one position earlier. ``p_t`` is learned, so the shift is absorbed.
 
   Attributes:
     score: ``"dot"``, ``"general"`` or ``"concat"``.
@@ -183,9 +192,10 @@ class LuongAttention(nn.Module):
     return source_len * fraction
 
   def _monotonic_position(
-      self, step: Array | int | None, batch: int, q_len: int, single_step: bool
+      self, step: Array | int | None, batch: int, q_len: int, single_step: bool,
+      user_mask: Array | None, kv_len: int,
   ) -> Array:
-    """local-m's ``p_t = t`` as float32 ``[b, t]``."""
+    """local-m's ``p_t = t`` as float32 ``[b, t]``, clamped to the last source position."""
     if step is None:
       if single_step:
         raise ValueError(
@@ -197,7 +207,13 @@ class LuongAttention(nn.Module):
       if step.ndim > 1:
         raise ValueError(f"step must have shape [] or [batch], got {step.shape}")
       offset = jnp.broadcast_to(step, (batch,)).astype(jnp.float32)[:, None]
-    return offset + jnp.arange(q_len, dtype=jnp.float32)[None, :]
+    position = offset + jnp.arange(q_len, dtype=jnp.float32)[None, :]
+    if user_mask is None:
+      last = jnp.float32(kv_len - 1)
+    else:
+      last = jnp.max(jnp.where(user_mask, jnp.arange(kv_len), -1), axis=-1).astype(jnp.float32)
+    # A row with no source position keeps p_t = t: its window is empty anyway.
+    return jnp.where(last >= 0, jnp.minimum(position, last), position)
 
   @nn.compact
   def __call__(
@@ -248,7 +264,8 @@ class LuongAttention(nn.Module):
       weights = masked_softmax(scores, user_mask)
     else:
       if self.mode == "local-m":
-        centre = self._monotonic_position(step, batch, q_len, single_step)
+        centre = self._monotonic_position(step, batch, q_len, single_step,
+                                           user_mask, kv_len)
       else:
         centre = self._predicted_position(queries, user_mask, kv_len)
       offset = jnp.arange(kv_len, dtype=jnp.float32) - centre[..., None]  # [b, t, s]

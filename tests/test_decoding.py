@@ -316,3 +316,46 @@ def test_decode_beam_with_explicit_state_model():
   np.testing.assert_array_equal(beam.tokens, greedy.tokens)
   assert beam.beams.shape == (3, 3, 24)
   np.testing.assert_allclose(np.asarray(beam.alignments["attention"])[1, 0, :2], [0.5, 0.5])
+
+
+def special_heavy_tables(seed: int, batch: int) -> np.ndarray:
+  """Like :func:`random_tables`, but PAD and BOS take most of the probability."""
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(batch, V, V, V))
+  logits[..., [PAD, BOS]] += 4.0
+  return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_searches_never_emit_pad_or_bos_and_keep_true_scores(alpha):
+  # An untrained model puts mass on PAD and BOS; fed back, an emitted PAD is a
+  # skipped step for the recurrent models. Scores stay the model's own
+  # log-probabilities (not renormalised), so they equal brute force's.
+  tables = special_heavy_tables(1, 3)
+  greedy = run_greedy(tables, max_len=5)
+  beam = run_beam(tables, beam_size=64, max_len=4, alpha=alpha)
+  for b in range(3):
+    prev2, prev, want, score = BOS, BOS, [], 0.0
+    for _ in range(5):
+      row = tables[b, prev2, prev].copy()
+      row[[PAD, BOS]] = -np.inf
+      tok = int(np.argmax(row))
+      want.append(tok)
+      score += tables[b, prev2, prev, tok]
+      prev2, prev = prev, tok
+      if tok == EOS:
+        break
+    assert strip(greedy.tokens[b]) == tuple(want)
+    np.testing.assert_allclose(greedy.scores[b], score, rtol=1e-5)
+    # Exhaustive beam: the finished hypotheses are exactly the word sequences
+    # ending in EOS, with their true scores.
+    finished = np.isfinite(beam.beam_scores[b])
+    seqs = [strip(s) for s in beam.beams[b][finished]]
+    assert all(PAD not in s[:-1] and BOS not in s for s in seqs)
+    reference = sorted(
+        ((sequence_logprob(tables[b], (*w, EOS)) / lp(len(w) + 1, alpha), (*w, EOS))
+         for n in range(4) for w in itertools.product(WORDS, repeat=n)),
+        key=lambda t: -t[0])
+    np.testing.assert_allclose(beam.beam_scores[b][finished][:10],
+                               [s for s, _ in reference[:10]], rtol=1e-5)
+    assert seqs[:10] == [s for _, s in reference[:10]]

@@ -247,6 +247,12 @@ def test_deep_reads_encoder_memory_shallow_cannot(shallow, deep):
     pad_only = ENC_C + 100.0 * jnp.asarray(~ENC_MASK)[..., None]
     np.testing.assert_array_equal(
         run(model, variables, X, ENC_H, pad_only, mask=MASK, enc_mask=ENC_MASK), base)
+    # Even non-finite ones: an outside encoder need not zero its padding.
+    nan_pad = jnp.where(jnp.asarray(ENC_MASK)[..., None], ENC_H, jnp.nan)
+    np.testing.assert_array_equal(
+        run(model, variables, X, nan_pad, jnp.where(jnp.asarray(ENC_MASK)[..., None], ENC_C,
+                                                    jnp.inf), mask=MASK, enc_mask=ENC_MASK),
+        base)
     # Shallow fusion has no path for the encoder memory at all.
     for fn in (ShallowFusionLSTMN.__call__, ShallowFusionLSTMNCell.prepare_encoder):
         assert "enc_memory" not in inspect.signature(fn).parameters

@@ -68,6 +68,10 @@ def np_luong(score, mode, window, params, q, k, v, mask, step=None):
     if mode == "local-m":
       offset = np.zeros(q.shape[0]) if step is None else np.asarray(step, np.float64)
       centre = offset[:, None] + np.arange(q.shape[1])[None, :]
+      # Past the source's last position the window stays on that position.
+      for b, t in np.ndindex(centre.shape):
+        if mask[b, t].any():
+          centre[b, t] = min(centre[b, t], np.flatnonzero(mask[b, t])[-1])
     else:
       centre = np_position(p, q, mask)
     dist = s[None, None, :] - centre[:, :, None]
@@ -189,11 +193,27 @@ def test_weights_sum_to_one(score, mode):
   if mode == "global":
     np.testing.assert_allclose(sums, 1.0, atol=1e-6)
   else:
-    # Rows whose window [t-D, t+D] contains an unmasked position sum to 1,
-    # rows whose window lies wholly in padding are all zero.
-    t = np.arange(T)[None, :]
-    reachable = np.asarray(LENGTHS)[:, None] > t - WINDOW
-    np.testing.assert_allclose(sums, np.where(reachable, 1.0, 0.0), atol=1e-6)
+    # local-m clamps p_t = t to the last source position, so every row sums
+    # to 1 even where t - D is past the source (LENGTHS[2] = 3, t = 4 > 3 - 1 + D
+    # would have been all zero).
+    np.testing.assert_allclose(sums, 1.0, atol=1e-6)
+
+
+def test_local_m_clamps_to_last_source_position():
+  q, k, v, mask = make_inputs(lengths=(9, 6, 2))
+  model = make("general", "local-m", window=1)
+  _, weights = model.apply(init(model, q, k, v), q, k, v, mask=mask)
+  weights = np.asarray(weights)
+  # Example 2 has source positions 0 and 1: from t = 1 on, the window is
+  # centred at 1 and covers positions 0..1 (2 is padding).
+  for t in range(1, T):
+    assert np.all(weights[2, t, 2:] == 0.0) and np.all(weights[2, t, :2] > 0.0)
+  # Example 0 never reaches its end (T = 5 < 9): windows stay at t.
+  assert np.all(weights[0, 4, 3:6] > 0.0) and weights[0, 4, 2] == 0.0
+  # A single step far past the end still attends, around the last position.
+  _, w = model.apply(init(model, q, k, v), q[:, 0], k, v, mask=mask, step=jnp.array([40, 40, 40]))
+  np.testing.assert_allclose(np.asarray(w).sum(-1), 1.0, atol=1e-6)
+  assert np.all(np.asarray(w)[2, :2] > 0.0) and np.all(np.asarray(w)[1, :4] == 0.0)
 
 
 def test_local_m_zero_outside_window():

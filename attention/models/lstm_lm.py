@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
+from attention.initializers import orthogonal
 from attention.models.base import PAD
 from attention.projection import projection_dot_general
 
@@ -99,7 +100,7 @@ class LSTMLanguageModel(nn.Module):
   def setup(self) -> None:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.embed = nn.Embed(self.vocab_size, self.emb_dim, **kw)
-    self.cells = [nn.OptimizedLSTMCell(self.hidden_dim, **kw)
+    self.cells = [nn.OptimizedLSTMCell(self.hidden_dim, recurrent_kernel_init=orthogonal(), **kw)
                   for _ in range(self.num_layers)]
     self.dropout = nn.Dropout(self.dropout_rate)
     self.output = nn.Dense(self.vocab_size, dot_general=projection_dot_general, **kw)

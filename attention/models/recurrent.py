@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
+from attention.initializers import orthogonal
 from attention.models.base import PAD_ID
 from attention.projection import projection_dot_general
 
@@ -62,7 +63,12 @@ def cast_tree_like(new: Any, old: Any) -> Any:
 
 def make_cell(cell_type: str, features: int, dtype: Dtype | None = None,
               param_dtype: Dtype = jnp.float32, **kwargs: Any) -> nn.RNNCellBase:
-  """Builds a ``"gru"`` or ``"lstm"`` flax cell; ``kwargs`` go to the cell."""
+  """Builds a ``"gru"`` or ``"lstm"`` flax cell; ``kwargs`` go to the cell.
+
+  The recurrent kernel is orthogonal as in flax, drawn in float32 so that any
+  ``param_dtype`` initialises.
+  """
+  kwargs.setdefault("recurrent_kernel_init", orthogonal())
   if cell_type == "gru":
     return nn.GRUCell(features, dtype=dtype, param_dtype=param_dtype, **kwargs)
   if cell_type == "lstm":

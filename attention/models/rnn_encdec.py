@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax.typing import Array, Dtype
 
 from attention.models.recurrent import (
+    make_cell,
     DeepOutput,
     RNNEncoder,
     cast_tree_like,
@@ -51,7 +52,7 @@ class _RNNEncDecStep(nn.Module):
 
   def setup(self) -> None:
     self.cells = [
-        nn.GRUCell(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype)
+        make_cell("gru", self.hidden_dim, self.dtype, self.param_dtype)
         for _ in range(self.num_layers)
     ]
     self.dropout = nn.Dropout(self.dropout_rate)

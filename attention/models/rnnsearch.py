@@ -27,6 +27,7 @@ from flax.typing import Array, Dtype
 
 from attention.additive import AdditiveAttention
 from attention.models.recurrent import (
+    make_cell,
     DeepOutput,
     RNNEncoder,
     cast_tree_like,
@@ -57,7 +58,7 @@ class _RNNSearchStep(nn.Module):
     self.attention = AdditiveAttention(
         self.attention_dim, dtype=self.dtype, param_dtype=self.param_dtype)
     self.cells = [
-        nn.GRUCell(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype)
+        make_cell("gru", self.hidden_dim, self.dtype, self.param_dtype)
         for _ in range(self.num_layers)
     ]
     self.dropout = nn.Dropout(self.dropout_rate)

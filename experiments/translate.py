@@ -89,7 +89,11 @@ def main(argv=None) -> int:
     except OSError as e:
       raise DataError(f"cannot read --input {args.input}: {e.strerror}.") from None
     try:
-      lines = raw.decode("utf-8").splitlines()
+      # "\n" only: str.splitlines() also breaks at \x0c, \x85, \u2028, ...,
+      # which would give more output lines than input lines.
+      lines = [line.strip() for line in raw.decode("utf-8").split("\n")]
+      if lines and not lines[-1]:
+        lines.pop()
     except UnicodeDecodeError as e:
       line = raw[:e.start].count(b"\n") + 1
       raise DataError(f"{args.input} line {line} is not valid UTF-8; re-encode the file as"

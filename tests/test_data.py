@@ -122,9 +122,23 @@ def test_synthetic_deterministic_lengths_and_vocab():
   words = a.eval_sources[0].split()
   assert 7 <= len(words) <= 11 and set(words) <= set("abcde")
   assert a.eval_references[0] == " ".join(reversed(words))
+  assert a.stats["eval_max_len"] == 12  # sizes the model's positions: eval's 11 + EOS
   plain = default_config("copy")
   plain.max_len = 5  # the eval range follows the training range unless set
   assert next(create_datasets(plain, seed=0, batch_size=2).eval())["src"].shape == (2, 6)
+
+
+
+def test_synthetic_longest_sequence_covers_addition_sources():
+  # An addition source is a + b EOS: 2 * max_len + 2 tokens, longer than any
+  # length setting; the trainer sizes the position table from this stat.
+  c = default_config("addition")
+  c.update(max_len=8, eval_max_len=150, num_eval=4)
+  ds = create_datasets(c, seed=0, batch_size=4)
+  longest = max(x["src"].shape[1] for x in ds.eval())
+  assert ds.stats["eval_max_len"] == 302 >= longest > 150
+  c.update(max_len=40, eval_max_len=None)
+  assert create_datasets(c, seed=0, batch_size=4).stats["eval_max_len"] == 82
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -177,6 +191,21 @@ def test_sentencepiece_round_trip_cache_and_invalidation(tmp_path, monkeypatch):
   tokenizers.SentencePieceTokenizer.train(corpus + ["one more line"], vocab_size=60,
                                           cache_dir=cache)
   assert len(list(cache.glob("spm_unigram_60_*.model"))) == 2
+
+
+def test_sentencepiece_model_does_not_depend_on_the_cpu_count(monkeypatch):
+  # SentencePiece's result depends on its thread count: a vocabulary built on
+  # a 1-core and a 16-core host from the same texts must still agree.
+  pytest.importorskip("sentencepiece")
+  from sentencepiece import sentencepiece_model_pb2
+  corpus = [s for s in SRC + TGT for _ in range(3)]
+  models = []
+  for cores in (1, 2, 64):
+    monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+    models.append(tokenizers.SentencePieceTokenizer.train(corpus, vocab_size=60)._proto)
+  assert models[0] == models[1] == models[2]
+  spec = sentencepiece_model_pb2.ModelProto.FromString(models[0]).trainer_spec
+  assert spec.num_threads == tokenizers._SPM_THREADS
 
 
 # ---------------------------------------------------------------- parallel text

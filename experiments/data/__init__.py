@@ -285,7 +285,12 @@ def create_datasets(data_config: Any, *, seed: int, batch_size: int,
              for src, tgt in sets]
     result = Datasets("seq2seq", train, make_eval(*sets[0]), make_eval(*sets[1]),
                       src_vocab, tgt_vocab, *texts[0], *texts[1], c,
-                      {"eval_examples": c["num_eval"], "test_examples": c["num_eval"]})
+                      {"eval_examples": c["num_eval"], "test_examples": c["num_eval"],
+                       # The longest padded sequence, training's included (an
+                       # addition source is 2 * max_len + 2 long): it sizes the
+                       # model's position table.
+                       "eval_max_len": max(synthetic.padded_lengths(
+                           name, max(c["max_len"], c["eval_max_len"])))})
 
   elif name in _PARALLEL:
     if not c["dir"]:

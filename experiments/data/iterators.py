@@ -232,8 +232,9 @@ class LMWindowIterator(_EpochIterator):
   """Infinite, shuffled language-modelling windows of a token stream.
 
   Each epoch draws a random offset in ``[0, seq_len)`` (so window
-  boundaries move between epochs), cuts the stream into non-overlapping
-  windows of ``seq_len + 1`` tokens, shuffles them and yields
+  boundaries move between epochs), cuts the stream into windows of
+  ``seq_len + 1`` tokens that start every ``seq_len`` tokens (so the inputs
+  tile the stream and each token is a target once), shuffles them and yields
   ``inputs = w[:-1]``, ``targets = w[1:]``, int32 ``[B / n, seq_len]``,
   never padded.
   """

@@ -7,8 +7,9 @@ Tasks (a source of ``n`` symbols ``x_1 .. x_n``):
 * ``sort``: the symbols in ascending id order (content-based attention).
 * ``swap``: the two halves exchanged, ``x_{h+1} .. x_n x_1 .. x_h`` with
   ``h = n // 2`` (non-monotonic alignment with one jump).
-* ``addition``: the source is the decimal sum ``a + b`` (each operand has
-  ``n`` digits, most significant first), the target its value; the vocabulary
+* ``addition``: the source is the decimal sum ``a + b`` (each operand's digit
+  count drawn on its own from the length range, most significant digit
+  first, no leading zeros), the target its value; the vocabulary
   is fixed to the digits and ``+`` and ``num_symbols`` is ignored.
 
 Symbols use ids ``4 .. 3 + num_symbols`` (right after the special ids) and are

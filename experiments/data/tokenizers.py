@@ -30,6 +30,9 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 _CONFIG_FILE = "tokenizer.json"
 _SP_FILE = "sentencepiece.model"
 _FORMAT_VERSION = 1
+# SentencePiece training threads, fixed so the vocabulary does not depend on
+# the machine (see SentencePieceTokenizer.train).
+_SPM_THREADS = 16
 
 __all__ = [
     "PAD", "BOS", "EOS", "UNK", "NUM_SPECIAL", "SPECIAL_TOKENS", "Tokenizer",
@@ -272,10 +275,13 @@ class SentencePieceTokenizer:
     """
     import sentencepiece as spm
 
+    # A fixed thread count, not the machine's: SentencePiece's result depends on
+    # it, and every host of a multi-host run (and every rerun elsewhere) must
+    # build the same vocabulary from the same texts.
     options = dict(vocab_size=int(vocab_size), model_type=model_type,
                    character_coverage=float(character_coverage),
                    pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK,
-                   hard_vocab_limit=False)
+                   hard_vocab_limit=False, num_threads=_SPM_THREADS)
     if keep_newlines:
       options.update(user_defined_symbols=["\n"], normalization_rule_name="identity",
                      remove_extra_whitespaces=False, add_dummy_prefix=False)
@@ -297,7 +303,6 @@ class SentencePieceTokenizer:
     try:
       spm.SentencePieceTrainer.train(
           sentence_iterator=iter(texts), model_writer=buffer, minloglevel=2,
-          num_threads=max(1, min(os.cpu_count() or 1, 16)),
           input_sentence_size=5_000_000, shuffle_input_sentence=True, **options)
     except RuntimeError as e:  # e.g. an unknown model_type or a vocab_size it cannot reach
       raise ValueError(f"SentencePiece training failed ({' '.join(str(e).split())[:200]});"

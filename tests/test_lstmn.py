@@ -329,6 +329,23 @@ def test_cell_stepping_matches_layer(mode, lstmn, shallow, deep):
         np.testing.assert_allclose(outs[0], want[:, t], atol=1e-6)
 
 
+def test_steps_past_max_len_leave_the_tape_alone(lstmn):
+    """A cell run past its tape's ``max_len`` still computes but writes nothing."""
+    _, variables = lstmn
+    cell, cell_vars = CELLS["plain"], {"params": variables["params"]["cell"]}
+    valid = jnp.ones((B,), bool)
+    carry = cell.initialize_carry(None, B, 2)
+    for t in range(2):
+        carry, _ = run(cell, cell_vars, carry, X[:, t], valid=valid)
+    full = carry
+    carry, (h, weights) = run(cell, cell_vars, full, X[:, 2], valid=valid)
+    for name in ("h_tape", "c_tape", "h_tape_proj", "tape_mask"):
+        np.testing.assert_array_equal(getattr(carry, name), getattr(full, name))
+    assert np.all(np.asarray(full.tape_mask)) and int(carry.step) == 3
+    np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(h)))
+
+
 def test_transforms(lstmn, deep):
     model, variables = lstmn
     eager = model.apply(variables, X, mask=MASK, return_weights=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import train
+from experiments import generate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "experiments" / "configs"
@@ -79,6 +79,21 @@ def test_lm_configs_tiny_end_to_end(name, tmp_path):
   metrics = train.train_and_evaluate(c, str(tmp_path / "run"))
   assert metrics["step"] == c.num_train_steps
   assert 1.0 < metrics["eval/perplexity"] < 100
+  # Sampling from the run: two samples, each the prompt and 12 characters.
+  out = tmp_path / "samples.txt"
+  args = ["--workdir", str(tmp_path / "run"), "--prompt", "3 the", "--length", "12",
+          "--num_samples", "2", "--top_k", "5", "--seed", "3", "--output", str(out)]
+  assert generate.main(args) == 0
+  samples = out.read_text().split(f"\n{generate.SEPARATOR}\n")
+  assert len(samples) == 2 and all(s.startswith("3 the") for s in samples)
+  assert all(len(s.rstrip("\n")) <= len("3 the") + 12 for s in samples)
+
+
+def test_generate_one_line_errors(tmp_path, capsys):
+  assert generate.main(["--workdir", str(tmp_path / "none")]) == 2
+  assert generate.main(["--workdir", str(tmp_path), "--length", "0"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and "config.json not found" in err[0] and "--length" in err[1]
 
 
 def test_multi30k_layout_run_then_translate(tmp_path):
@@ -100,6 +115,7 @@ def test_multi30k_layout_run_then_translate(tmp_path):
   assert len(out.read_text().splitlines()) == 2
   again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert again.returncode == 2 and "exists" in again.stderr   # never overwrites
+  assert generate.main(["--workdir", str(workdir)]) == 2     # not a language model
 
 
 def _cli(tmp_path, *args, timeout=300):

@@ -9,7 +9,10 @@ against ``flax.linen.dot_product_attention`` measured in the same run.
     python -m benchmarks.attention_core --memory --budget_gb 4   # largest T per backend
 
 FLOPs: forward = 4·B·H·Tq·Tk·D (two matmuls), halved when causal; forward +
-backward counts 3.5× that (the backward pass does five matmuls of the same size).
+backward counts 3× that (the backward pass does four matmuls of the same size:
+dV, dP, dQ, dK). These are model FLOPs: the tiled backend and cuDNN also
+recompute QKᵀ in the backward pass, which is not counted (FlashAttention's
+papers count it, giving 3.5×).
 The backward pass gets a dense random output cotangent, as in training (see _loss),
 and fwd+bwd times ``jax.value_and_grad``: the loss value needs the attention output.
 With ``jax.grad`` alone, XLA drops the forward ``P v`` product, because a loss linear in
@@ -173,7 +176,7 @@ def run_speed(args):
       for name in compiled:
         t_f, t_b, err = t_fwd[name], t_grad[name], errors[name]
         row = dict(T=t, mask=kind, impl=name, fwd_ms=t_f * 1e3, fwd_bwd_ms=t_b * 1e3,
-                   fwd_gflops=flops / t_f / 1e9, fwd_bwd_gflops=3.5 * flops / t_b / 1e9,
+                   fwd_gflops=flops / t_f / 1e9, fwd_bwd_gflops=3 * flops / t_b / 1e9,
                    max_err=err,
                    speedup_fwd=base["fwd"] / t_f if base else None,
                    speedup_fwd_bwd=base["fwd_bwd"] / t_b if base else None)
@@ -190,8 +193,11 @@ def _peak_rss_child(impl, t, heads, head_dim):
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(1, t, heads, head_dim)), jnp.float32) for _ in range(3))
   fn = _peers()[impl]
-  mask = None if impl.startswith("ours") else _mask("causal_mask", 1, t)
-  kind = "is_causal" if impl.startswith("ours") else "causal_mask"
+  # Every implementation that has is_causal gets it; only flax's function
+  # needs the [T, T] mask array (4·T² bytes).
+  native = impl.startswith("ours") or impl == "jax.nn"
+  mask = None if native else _mask("causal_mask", 1, t)
+  kind = "is_causal" if native else "causal_mask"
   cotangent = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
   grad = jax.jit(jax.value_and_grad(lambda q, k, v, c: _loss(fn(q, k, v, mask, kind), c),
                                     argnums=(0, 1, 2)))
@@ -200,26 +206,44 @@ def _peak_rss_child(impl, t, heads, head_dim):
 
 
 def run_memory(args):
+  """Peak RSS of one causal fwd+bwd per (implementation, T), each in a fresh CPU process.
+
+  Host memory on CPU only: the children run with ``JAX_PLATFORMS=cpu`` even on
+  a GPU machine, where RSS would not see the device's arrays. RSS includes the
+  JAX runtime (about 0.25 GB). Lengths are tried in order until one does not
+  fit, fails or times out.
+  """
   rows = []
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", JAX_PLATFORMS="cpu")
   for impl in args.memory_impls:
-    best = None
+    best, stopped = None, False
     for t in args.memory_lengths:
       cmd = [sys.executable, "-m", "benchmarks.attention_core", "--_child", impl, str(t),
              str(args.memory_heads), str(args.head_dim)]
+      status = "ok"
       try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout,
-                             env=dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false"))
+                             env=env)
         rss = int(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else None
-      except (subprocess.TimeoutExpired, ValueError, IndexError):
-        rss = None
+        if rss is None:
+          status = f"failed (rc {res.returncode})"
+      except subprocess.TimeoutExpired:
+        rss, status = None, f"timeout ({args.memory_timeout:g} s)"
+      except (ValueError, IndexError):
+        rss, status = None, "failed (no RSS printed)"
       fits = rss is not None and rss <= args.budget_gb * 2**30
-      rows.append(dict(impl=impl, T=t, peak_rss_gb=None if rss is None else rss / 2**30, fits=fits))
-      shown = "failed/timeout" if rss is None else f"{rss / 2**30:6.2f} GB"
+      if rss is not None and not fits:
+        status = "over budget"
+      rows.append(dict(impl=impl, T=t, peak_rss_gb=None if rss is None else rss / 2**30,
+                       fits=fits, status=status))
+      shown = status if rss is None else f"{rss / 2**30:6.2f} GB ({status})"
       print(f"memory {impl:14s} T={t:6d} heads={args.memory_heads} peak RSS {shown}", flush=True)
       if not fits:
+        stopped = True
         break
       best = t
-    print(f"  largest T within {args.budget_gb} GB for {impl}: {best}")
+    bound = best if stopped or best is None else f">= {best} (every length tried fit)"
+    print(f"  largest T within {args.budget_gb} GB for {impl}: {bound}")
   return rows
 
 

@@ -86,7 +86,7 @@ def main(argv=None):
       print(f"{name:12s} params {n_params / 1e6:6.2f}M  beam {beam}: {row['sent_per_s']:8.1f}"
             f" sent/s ({row['ms_per_batch']:7.1f} ms/batch; first call {compile_s:5.1f} s)",
             flush=True)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump({"device": device, "args": vars(args), "rows": rows}, f,
               indent=1)

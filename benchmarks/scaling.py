@@ -98,7 +98,10 @@ def _child(steps: int, batch: int) -> None:
 def _run(n: int, args) -> dict:
   env = dict(os.environ)
   if args.real:
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
+    # The first n of the GPUs this process was given (e.g. by Slurm), not 0..n-1.
+    given = env.get("CUDA_VISIBLE_DEVICES")
+    ids = given.split(",") if given else [str(i) for i in range(n)]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:n])
   else:
     flags = [f for f in env.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
@@ -110,7 +113,12 @@ def _run(n: int, args) -> dict:
   if res.returncode or not lines:
     tail = (res.stderr or res.stdout).strip().splitlines()[-5:]
     raise RuntimeError(f"N={n} failed (rc {res.returncode}):\n  " + "\n  ".join(tail))
-  return json.loads(lines[-1][len(_MARK):])
+  result = json.loads(lines[-1][len(_MARK):])
+  if result["devices"] != n:
+    # E.g. --real with fewer GPUs than asked for: the row would be mislabelled.
+    raise RuntimeError(f"N={n}: the run saw {result['devices']} {result['device_kind']}"
+                       f" device(s), not {n}; pass --devices counts this machine has.")
+  return result
 
 
 def main(argv=None):
@@ -137,7 +145,11 @@ def main(argv=None):
   print(f"host: {host}", flush=True)
   runs = []
   for n in args.devices:
-    r = _run(n, args)
+    try:
+      r = _run(n, args)
+    except RuntimeError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
     runs.append(r)
     print(f"N={n}: {r['device_kind']} mesh {r['mesh']} {r['tokens_per_s']:.0f} tok/s"
           f" final loss {r['losses'][-1]:.6f}", flush=True)

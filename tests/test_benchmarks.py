@@ -113,14 +113,40 @@ def test_reference_block_marks_fully_masked_rows():
   np.testing.assert_array_equal(out[2:], 0.0)
 
 
-def test_model_flops_closed_form():
-  # d = q = 2, m = 3, V = 5, one layer each, B = 1, S = 2, T = 3.
-  n_enc = 4 * 2 * 2 + 2 * 2 * 3
-  n_dec = 6 * 2 * 2 + 2 * 2 * 3 + 2 * 5
-  n_kv = 2 * 2 * 2
-  dense = 6 * (n_enc * 2 + n_dec * 3 + n_kv * 2)
-  attn = 12 * 2 * (2 * 2 + 3 * 3 + 3 * 2)
-  assert train_step.model_flops(2, 2, 3, 5, 1, 1, 1, 2, 3) == dense + attn
+def _dot_flops(jaxpr) -> int:
+  """2·M·N·K summed over every dot_general in ``jaxpr`` and the jaxprs inside it."""
+  from jax.extend import core as jcore
+  total = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[i] for i in contract]))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jcore.ClosedJaxpr):
+          total += _dot_flops(sub.jaxpr)
+        elif isinstance(sub, jcore.Jaxpr):
+          total += _dot_flops(sub)
+  return total
+
+
+def test_model_flops_equal_three_times_the_forward_matmuls_of_both_models():
+  # MFU's F counts forward matmul FLOPs x 3: check it against the dot_generals
+  # the two models' forward passes actually trace (S != T, causal counted in full).
+  import jax
+  import jax.numpy as jnp
+  from attention.models.transformer import Transformer, TransformerConfig
+  from benchmarks.flax_transformer import FlaxTransformer, FlaxTransformerConfig
+  d, layers, m, vocab, b, s, t = 32, 2, 48, 96, 2, 6, 10
+  cfg = TransformerConfig(vocab_size=vocab, emb_dim=d, num_heads=4, num_layers=layers,
+                          qkv_dim=d, mlp_dim=m, max_len=16, implementation="xla")
+  src, tgt = jnp.ones((b, s), jnp.int32), jnp.ones((b, t), jnp.int32)
+  want = train_step.model_flops(d, d, m, vocab, layers, layers, b, s, t)
+  for model in (FlaxTransformer(FlaxTransformerConfig.from_ours(cfg)), Transformer(cfg)):
+    params = jax.eval_shape(model.init, jax.random.key(0), src, tgt)["params"]
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, src, tgt))(params)
+    assert 3 * _dot_flops(jaxpr.jaxpr) == want, type(model).__name__
 
 
 def test_train_step_peer_and_ours_same_size(tmp_path):
@@ -154,6 +180,19 @@ def test_scaling_loss_equal_on_one_and_two_devices(tmp_path):
   assert len(result["rows"][1]["losses"]) == 3
   host = device_info.host_description()
   assert result["host"] == host and f"host: {host}" in res.stdout
+
+
+def test_scaling_refuses_a_device_count_the_run_did_not_have(tmp_path):
+  # --real on this CPU: asking for 2 devices gives a run on 1, which must not
+  # be reported as a 2-device row.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-m", "benchmarks.scaling", "--real", "--devices", "2",
+                        "--steps", "2", "--batch", "2", "--timeout", "240",
+                        "--out", str(tmp_path / "s.json")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 1 and "Traceback" not in res.stderr
+  assert "error: N=2: the run saw 1 cpu device(s), not 2" in res.stderr
+  assert not (tmp_path / "s.json").exists()
 
 
 def test_huge_pages_benchmark_runs_both_settings(tmp_path):

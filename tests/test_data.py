@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -449,3 +450,18 @@ def test_download_multi30k_from_file_url(tmp_path):
     parallel_text.download_multi30k(dest, url, ("nosuch",), ("en",))
   assert_one_line_naming(e, "nosuch.en.gz")
   assert not (dest / "nosuch.en.gz").exists()
+
+
+def test_downloader_cli_runs_clean_from_a_file_url(tmp_path):
+  import subprocess
+  import sys
+  remote = make_corpus(tmp_path / "remote")
+  write(remote / "val.en.gz", None, gz=True, raw=(remote / "val.en").read_bytes())
+  res = subprocess.run([sys.executable, "-m", "experiments.data.parallel_text",
+                        str(tmp_path / "dest"), "--base-url", remote.as_uri(),
+                        "--splits", "val", "--langs", "en"],
+                       capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+  assert res.returncode == 0, res.stderr
+  assert "Warning" not in res.stderr   # runpy warned when the package imported it first
+  assert (tmp_path / "dest" / "val.en.gz").read_bytes() == (remote / "val.en.gz").read_bytes()

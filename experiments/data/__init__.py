@@ -52,7 +52,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from ml_collections import config_dict
 
-from experiments.data import parallel_text, synthetic, text_lm
+from experiments.data import synthetic, text_lm
 from experiments.data.files import DataError, atomic_write_bytes
 from experiments.data.iterators import (Batch, BucketedSeq2SeqIterator,
                                         CheckpointableIterator, LMWindowIterator,
@@ -296,6 +296,10 @@ def create_datasets(data_config: Any, *, seed: int, batch_size: int,
     if not c["dir"]:
       corpus = "multi30k" if name == "multi30k" else "corpus"
       raise DataError(f"data.dir is not set: pass --config.data.dir=/path/to/{corpus}")
+    # Imported here, not at the top: `python -m experiments.data.parallel_text`
+    # (the downloader) would otherwise find the module already imported by this
+    # package and warn.
+    from experiments.data import parallel_text
     data = parallel_text.load_parallel_data(
         c["dir"], src_lang=c["source_lang"], tgt_lang=c["target_lang"],
         train_split=c["train_split"], eval_split=c["eval_split"],

@@ -127,10 +127,28 @@ def _duration(seconds: float) -> str:
   return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+def last_step_line(log_path: str, tail_bytes: int = 8192) -> str | None:
+  """The trainer's latest ``step N/M ...`` progress line in a trial's log, if any."""
+  try:
+    with open(log_path, "rb") as f:
+      f.seek(0, os.SEEK_END)
+      f.seek(max(0, f.tell() - tail_bytes))
+      text = f.read().decode("utf-8", "replace")
+  except OSError:
+    return None
+  for line in reversed(re.split(r"[\r\n]", text)):
+    if re.match(r"\s*step \d+/\d+", line):
+      return line.strip()
+  return None
+
+
 def run_local(trials: Sequence[Trial], manifest: mf.Manifest, parallel: int,
               slot_env: Callable[[int], dict[str, str]], out: TextIO = sys.stdout,
-              lock_fd: int | None = None) -> None:
+              lock_fd: int | None = None, progress_every: float = 60.0) -> None:
   """Runs ``trials`` as subprocesses, ``parallel`` at a time, recording each in ``manifest``.
+
+  Every ``progress_every`` seconds it prints each running trial's latest
+  ``step N/M ... eta`` line from its log, so a long sweep shows where it is.
 
   ``lock_fd`` (the sweep directory's lock) is inherited by the trials, so the lock
   stays held until the last of them exits, even if the launcher is killed first.
@@ -148,6 +166,7 @@ def run_local(trials: Sequence[Trial], manifest: mf.Manifest, parallel: int,
     raise Interrupted(signum)
 
   old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  next_report = time.time() + progress_every
   try:
     while queue or running:
       while queue and free:
@@ -162,6 +181,12 @@ def run_local(trials: Sequence[Trial], manifest: mf.Manifest, parallel: int,
         del running[slot]
         free.append(slot)
         _finish(trial, proc.returncode, manifest, time.time() - t0, out)
+      if running and time.time() >= next_report:
+        next_report = time.time() + progress_every
+        for trial, _, t0 in running.values():
+          line = last_step_line(os.path.join(trial.workdir, LOG_NAME)) or "starting"
+          print(f"[running {_duration(time.time() - t0)}] {trial.name}: {line}",
+                file=out, flush=True)
   except Interrupted:
     for trial, proc, _ in running.values():
       proc.send_signal(signal.SIGTERM)
@@ -248,6 +273,8 @@ def _parser() -> argparse.ArgumentParser:
                  help="disjoint local devices per running trial (CPU: simulated devices)")
   p.add_argument("--platform", choices=("auto", "cpu", "gpu", "tpu"), default="auto")
   p.add_argument("--python", default=sys.executable, help="interpreter of the trials")
+  p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                 help="print each running trial's latest step line this often")
   p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                  help="--config.a=b overrides appended to every trial (must come last)")
   return p
@@ -299,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" ({kind}{f', {per_trial} device(s) each' if per_trial else ''});"
         f" manifest {manifest.path}", flush=True)
   try:
-    run_local(todo, manifest, args.parallel, slot_env, lock_fd=lock.fileno())
+    run_local(todo, manifest, args.parallel, slot_env, lock_fd=lock.fileno(),
+              progress_every=args.progress_every)
   except Interrupted as e:
     print(f"error: {e}: stopped; re-run the same command to resume.", file=sys.stderr)
     return 128 + e.signum

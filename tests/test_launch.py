@@ -408,6 +408,27 @@ def _manifest(w):
     return {}
 
 
+def test_run_local_reports_each_running_trials_latest_step(tmp_path):
+  import io
+  from launch.sweep_spec import Trial
+  script = ("import sys, time\n"
+            "for i in (1, 2):\n"
+            "  print(f'step {i}/2  loss {3 - i}.0  eta 0m01s', flush=True); time.sleep(1.2)\n")
+  trials = [Trial(name=f"t{k}", overrides={}, workdir=str(tmp_path / f"t{k}"),
+                  argv=[PY, "-c", script]) for k in range(2)]
+  manifest = mf.Manifest(str(tmp_path / "sweep.json"))
+  manifest.sync(trials)
+  out = io.StringIO()
+  sweep.run_local(trials, manifest, 2, lambda slot: {}, out=out, progress_every=0.5)
+  lines = out.getvalue().splitlines()
+  for k in range(2):
+    running = [l for l in lines if l.startswith("[running") and f"] t{k}: " in l]
+    assert running and all(l.endswith(("starting", "eta 0m01s")) for l in running)
+    assert any(f"step {i}/2  loss {3 - i}.0" in l for l in running for i in (1, 2))
+  assert sweep.last_step_line(str(tmp_path / "t0" / sweep.LOG_NAME)).startswith("step 2/2")
+  assert sweep.last_step_line(str(tmp_path / "missing.log")) is None
+
+
 def test_local_sweep_kill_resume_and_report(tmp_path):
   """4 tiny trials, 2 at a time, one failing; SIGKILL after the first finishes; re-run; report."""
   cfg = _write_config(tmp_path / "tiny_sweep.py",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -134,6 +135,10 @@ def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[s
     os.makedirs(wd, exist_ok=True)
     log = os.path.join(wd, "train.log")
     print(f"[{i}/{len(chosen)}] {family}: training; log {log}", flush=True)
+    # A family trained from scratch (its workdir deleted, or never checkpointed)
+    # starts its wall time afresh; a resume adds to what compare.json has.
+    fresh = not os.path.isdir(os.path.join(wd, "checkpoints")) or not os.listdir(
+        os.path.join(wd, "checkpoints"))
     start = time.perf_counter()
     with open(log, "a") as out:
       out.write("$ " + " ".join(argv) + "\n")
@@ -154,7 +159,7 @@ def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[s
     # Resumed runs add up, so the table reports the total training wall time.
     shown = ["python", *argv[1:3], "--config", os.path.relpath(argv[4]), *argv[5:]]
     runs[family] = {"command": " ".join(shown), "returncode": rc,
-                    "seconds": rec.get("seconds", 0.0) + seconds}
+                    "seconds": (0.0 if fresh else rec.get("seconds", 0.0)) + seconds}
     _save_runs(args.workdir, runs)
     if rc != 0:
       failed += 1
@@ -162,6 +167,18 @@ def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[s
       why = f" ({last[len('error:'):].strip()})" if last.startswith("error:") else ""
       print(f"error: {family} exited with {rc}{why}; see {log}", file=sys.stderr, flush=True)
   return failed
+
+
+def _title(args: argparse.Namespace) -> str:
+  """``task, size S``; under --report_only S is the one the runs' commands recorded."""
+  size = args.size
+  if args.report_only:
+    recorded = {m.group(1) for rec in _load_runs(args.workdir).values()
+                for m in [re.search(r"[:,]size=(\w+)", rec.get("command", ""))] if m}
+    if len(recorded) != 1:
+      return args.task
+    size = recorded.pop()
+  return f"{args.task}, size {size}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -181,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   shown = [f for f in compare_config.families(args.task)
            if f in chosen or os.path.isdir(os.path.join(args.workdir, f))]
   md = comparison_report.write(args.workdir, shown, runs=_load_runs(args.workdir),
-                               title=f"{args.task}, size {args.size}")
+                               title=_title(args))
   print(md)
   print(f"wrote {os.path.join(args.workdir, 'compare.md')} and compare_*.png", flush=True)
   return 1 if failed else 0

@@ -14,6 +14,8 @@ import re
 from typing import Any, Mapping, Sequence
 
 from experiments.metric_writers import read_metrics
+from launch import manifest as mf
+from launch.sweep_spec import join_workdir
 
 _BUCKET = re.compile(r"^(eval|test)_by_length/(bleu|exact_match|count)_(.+)$")
 
@@ -45,6 +47,23 @@ class Run:
       for rec in self.history:
         if rec["step"] == last:
           self.final.update(rec)
+
+  @property
+  def incomplete(self) -> str:
+    """``""`` when the last eval is at ``num_train_steps``, else ``"step S/N"``.
+
+    A run that failed or was stopped keeps the metrics of its last eval; tables
+    mark it rather than show those as final.
+    """
+    if not self.history or mf.is_complete(self.workdir):
+      return ""
+    total = (mf.run_config(self.workdir) or {}).get("num_train_steps", "?")
+    return f"step {self.final.get('step', '?')}/{total}"
+
+  @property
+  def display(self) -> str:
+    """``label``, with ``(incomplete: step S/N)`` for an unfinished run."""
+    return f"{self.label} (incomplete: {self.incomplete})" if self.incomplete else self.label
 
   @property
   def model(self) -> str:
@@ -86,10 +105,11 @@ def find_runs(root: str, names: Sequence[str] | None = None) -> list[Run]:
   if os.path.exists(sweep):
     with open(sweep) as f:
       trials = json.load(f)["trials"]
-    # Trial k lives in root/<name>; the recorded path may be relative to wherever
-    # the sweep was launched, so fall back to that when it does not resolve.
-    runs = [Run(name, rec["workdir"] if os.path.isdir(rec["workdir"])
-                else os.path.join(root, name)) for name, rec in trials.items()]
+    # Trial k lives in root/<name>. The recorded path is relative to wherever the
+    # sweep was launched, and a copied or moved sweep's recorded paths point at
+    # the original: it is only the fallback (custom layouts).
+    runs = [Run(name, join_workdir(root, name) if os.path.isdir(join_workdir(root, name))
+                else rec["workdir"]) for name, rec in trials.items()]
     return [r for r in runs if names is None or r.label in names]
   if names is None:
     names = sorted(d for d in os.listdir(root) if any(
@@ -155,7 +175,7 @@ def summary_table(runs: Sequence[Run], seconds: Mapping[str, float] | None = Non
   rows = []
   for r in runs:
     loss = r.get("eval/loss")
-    row = [r.label, r.model, fmt(r.get("model/num_params")),
+    row = [r.display, r.model, fmt(r.get("model/num_params")),
            str(r.final.get("step", "–")), fmt(seconds.get(r.label), 4),
            fmt(r.get("train/loss")), fmt(loss)]
     if lm:
@@ -168,25 +188,41 @@ def summary_table(runs: Sequence[Run], seconds: Mapping[str, float] | None = Non
   return markdown(header, rows)
 
 
-def length_table(runs: Sequence[Run], metric: str, split: str = "test") -> str:
-  """Runs x source-length buckets, with the bucket sizes in the header."""
-  buckets: dict[str, int] = {}
+def _bucket_order(label: str) -> float:
+  return float(label.split("-")[0].rstrip("+"))
+
+
+def length_buckets(runs: Sequence[Run], metric: str, split: str = "test") -> dict[str, str]:
+  """``{bucket: "n"}`` over every run, in length order; ``"a/b"`` where runs' counts differ."""
+  counts: dict[str, list[int]] = {}
   for r in runs:
     for lab, (_, n) in r.by_length(metric, split).items():
-      buckets.setdefault(lab, n)
+      counts.setdefault(lab, [])
+      if n not in counts[lab]:
+        counts[lab].append(n)
+  return {lab: "/".join(map(str, counts[lab])) for lab in sorted(counts, key=_bucket_order)}
+
+
+def length_table(runs: Sequence[Run], metric: str, split: str = "test") -> str:
+  """Runs x source-length buckets, with the bucket sizes in the header."""
+  buckets = length_buckets(runs, metric, split)
   if not buckets:
     return ""
   header = [f"{split} {metric} by source length"] + [f"{lab} (n={n})" for lab, n in buckets.items()]
   rows = []
   for r in runs:
     values = r.by_length(metric, split)
-    rows.append([r.label] + [fmt(values[lab][0] if lab in values else None) for lab in buckets])
+    rows.append([r.display] + [fmt(values[lab][0] if lab in values else None) for lab in buckets])
   return markdown(header, rows)
 
 
 def _line_plot(series: Mapping[str, tuple[Sequence[Any], Sequence[float]]], path: str, *,
-               xlabel: str, ylabel: str, title: str) -> bool:
-  """One line per ``{label: (xs, ys)}``; writes ``path`` and returns True if any line."""
+               xlabel: str, ylabel: str, title: str,
+               xticks: Sequence[str] | None = None) -> bool:
+  """One line per ``{label: (xs, ys)}``; writes ``path`` and returns True if any line.
+
+  With ``xticks``, xs are positions in it and the ticks are labelled with it.
+  """
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -196,6 +232,8 @@ def _line_plot(series: Mapping[str, tuple[Sequence[Any], Sequence[float]]], path
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for label, (xs, ys) in series.items():
       ax.plot(list(xs), list(ys), marker="o", label=label)
+    if xticks is not None:
+      ax.set_xticks(range(len(xticks)), list(xticks))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -210,12 +248,15 @@ def _line_plot(series: Mapping[str, tuple[Sequence[Any], Sequence[float]]], path
 def plot_by_length(runs: Sequence[Run], metric: str, path: str, split: str = "test",
                    title: str = "") -> bool:
   """Bahdanau Fig. 2 style: one line per run, metric against source length."""
+  # Numeric positions in one shared bucket order: string xs would be placed in
+  # order of first appearance, which differs when runs lack different buckets.
+  order = list(length_buckets(runs, metric, split))
   series = {}
   for r in runs:
     values = r.by_length(metric, split)
-    series[r.label] = (list(values), [v for v, _ in values.values()])
+    series[r.display] = ([order.index(lab) for lab in values], [v for v, _ in values.values()])
   return _line_plot(series, path, xlabel="source length (tokens)",
-                    ylabel=f"{split} {metric.replace('_', ' ')}", title=title)
+                    ylabel=f"{split} {metric.replace('_', ' ')}", title=title, xticks=order)
 
 
 def plot_curves(runs: Sequence[Run], key: str, path: str, title: str = "") -> bool:
@@ -223,7 +264,7 @@ def plot_curves(runs: Sequence[Run], key: str, path: str, title: str = "") -> bo
   series = {}
   for r in runs:
     pts = [(rec["step"], rec[key]) for rec in r.history if isinstance(rec.get(key), (int, float))]
-    series[r.label] = (tuple(p[0] for p in pts), tuple(p[1] for p in pts))
+    series[r.display] = (tuple(p[0] for p in pts), tuple(p[1] for p in pts))
   return _line_plot(series, path, xlabel="step", ylabel=key, title=title)
 
 
@@ -244,6 +285,7 @@ def write(root: str, names: Sequence[str] | None = None, *, runs: Mapping[str, A
   if plot_curves(found, "eval/loss", os.path.join(root, "compare_eval_loss.png"), title=title):
     parts += ["![eval loss](compare_eval_loss.png)", ""]
   missing = [n for n in (names or []) if n not in {r.label for r in found}]
+  missing += [f"{r.label} ({r.incomplete}: its last eval is shown)" for r in found if r.incomplete]
   if missing:
     parts += [f"Not finished: {', '.join(missing)}.", ""]
   commands = [f"    {v['command']}" for v in (runs or {}).values() if v.get("command")]

@@ -65,6 +65,12 @@ def _finished(root: str) -> list[cr.Run]:
   return runs
 
 
+def _incomplete_note(runs: Sequence[cr.Run]) -> list[str]:
+  """A footnote for the cells marked † (runs whose last eval is before their last step)."""
+  late = [f"{r.label} ({r.incomplete})" for r in runs if r.incomplete]
+  return [f"† incomplete, its last eval shown: {', '.join(late)}.", ""] if late else []
+
+
 def fig2(roots: Sequence[str]) -> str:
   """Quality by source length for each directory of family runs."""
   parts = []
@@ -99,10 +105,12 @@ def table4(root: str) -> str:
   """Luong Table 4 analogue: test BLEU (eval perplexity) for score x mode."""
   runs = _finished(root)
   metric = "test/bleu" if any(r.get("test/bleu") is not None for r in runs) else "eval/bleu"
-  cell = lambda r: f"{cr.fmt(r.get(metric))} ({cr.fmt(r.get('eval/perplexity'))})"  # noqa: E731
-  text = "\n".join([f"{metric} (eval perplexity in brackets)", "",
-                    _pivot(runs, "model.score", "model.mode", cell), "",
-                    cr.summary_table(runs, cr.wall_seconds(root))])
+  cell = lambda r: (f"{cr.fmt(r.get(metric))}{'†' if r.incomplete else ''}"  # noqa: E731
+                    f" ({cr.fmt(r.get('eval/perplexity'))})")
+  parts = [f"{metric} (eval perplexity in brackets)", "",
+           _pivot(runs, "model.score", "model.mode", cell), ""]
+  parts += _incomplete_note(runs)
+  text = "\n".join(parts + [cr.summary_table(runs, cr.wall_seconds(root))])
   return _write(os.path.join(root, "table4.md"), text)
 
 
@@ -118,13 +126,15 @@ def table3a(root: str) -> str:
     m = r.config.get("model", {})
     h, d = m.get("num_heads"), m.get("qkv_dim")
     loss = r.get("eval/loss")
-    row = [str(h), str(d // h if h and d else "–"), cr.fmt(r.get("model/num_params")),
+    row = [f"{h}{'†' if r.incomplete else ''}", str(d // h if h and d else "–"),
+           cr.fmt(r.get("model/num_params")),
            str(r.final.get("step")), cr.fmt(loss, 4), cr.fmt(r.get("eval/perplexity"), 4)]
     row += [cr.fmt(loss / math.log(2) if loss is not None else None, 4)] if lm else [
         cr.fmt(r.get("eval/bleu")), cr.fmt(r.get("test/bleu"))]
     rows.append(row)
   cr.plot_curves(runs, "eval/loss", os.path.join(root, "table3a.png"), title="heads")
-  return _write(os.path.join(root, "table3a.md"), cr.markdown(header, rows))
+  return _write(os.path.join(root, "table3a.md"),
+                "\n".join([cr.markdown(header, rows), ""] + _incomplete_note(runs)).rstrip())
 
 
 def lstmn(root: str) -> str:

@@ -18,6 +18,7 @@ import sys
 from typing import Any, Sequence
 
 from launch import manifest as mf
+from launch.sweep_spec import join_workdir
 
 BEST = "*"
 
@@ -31,7 +32,12 @@ def load_rows(sweep_dir: str) -> list[dict[str, Any]]:
     trials = json.load(f)["trials"]
   rows = []
   for name, rec in trials.items():
-    rows.append({**rec, "name": name, "metrics": mf.last_metrics(rec["workdir"]) or {}})
+    # The trial's folder under sweep_dir first: the recorded path is relative to
+    # where the sweep was launched, and a copied sweep's points at the original.
+    local = join_workdir(sweep_dir, name)
+    workdir = local if os.path.isdir(local) else rec["workdir"]
+    rows.append({**rec, "name": name, "workdir": workdir,
+                 "metrics": mf.last_metrics(workdir) or {}})
   return rows
 
 
@@ -199,7 +205,9 @@ def main(argv: Sequence[str]) -> int:
     f.write(text)
   write_csv(written[1], rows, fields, best)
   png = os.path.join(args.sweep_dir, f"report_{re.sub(r'[^A-Za-z0-9._-]', '_', args.metric)}.png")
-  if x is not None and plot(png, rows, fields, args.metric, x, best):
+  if x is None:
+    print("warning: no swept field to plot against; no plot.", file=sys.stderr)
+  elif plot(png, rows, fields, args.metric, x, best):
     written.append(png)
   else:
     print(f"warning: no trial has {args.metric}; no plot.", file=sys.stderr)

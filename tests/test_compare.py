@@ -4,8 +4,10 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -439,3 +441,60 @@ def test_compare_end_to_end_skip_and_report_only(tmp_path, capsys):
   rc, one = _main(capsys, *_compare_argv(w, "--report_only", families="rnnsearch")[3:])
   assert rc == 0, one.err[-3000:]
   assert (w / "compare.md").read_text() == md
+
+  # A family retrained from scratch (its folder deleted) gets its own wall time,
+  # not one added to the deleted run's.
+  runs = json.loads((w / "compare.json").read_text())
+  runs["rnnencdec"]["seconds"] = 1e6
+  (w / "compare.json").write_text(json.dumps(runs))
+  shutil.rmtree(w / "rnnencdec")
+  start = time.perf_counter()
+  res = _compare(w, *TINY, families="rnnencdec")
+  assert res.returncode == 0, res.stderr[-3000:]
+  seconds = json.loads((w / "compare.json").read_text())["rnnencdec"]["seconds"]
+  assert 0 < seconds < time.perf_counter() - start
+
+
+def test_reports_mark_incomplete_runs_and_read_the_sweeps_own_folders(tmp_path):
+  # A run that stopped after its step-5 eval of 10 keeps those metrics: the tables
+  # must say so, not show them as final.
+  done = _run_dir(tmp_path / "sweep", "a", "rnnsearch", "reverse",
+                  [{"step": 10, "eval/loss": 1.0, "test/exact_match": 0.5}])
+  cut = _run_dir(tmp_path / "sweep", "b", "rnnsearch", "reverse",
+                 [{"step": 5, "eval/loss": 2.0, "test/exact_match": 0.25}])
+  for d in (done, cut):
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "num_train_steps": 10}))
+  # The manifest's paths point at a copy elsewhere (the sweep was moved): the
+  # report must still read the folders under the sweep directory.
+  elsewhere = _run_dir(tmp_path / "old", "a", "rnnsearch", "reverse",
+                       [{"step": 10, "eval/loss": 9.0}])
+  (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"trials": {
+      "a": {"workdir": str(elsewhere)}, "b": {"workdir": "no/such/dir"}}}))
+  runs = cr.find_runs(str(tmp_path / "sweep"))
+  assert [r.get("eval/loss") for r in runs] == [1.0, 2.0]
+  assert [r.incomplete for r in runs] == ["", "step 5/10"]
+  table = cr.summary_table(runs).splitlines()
+  assert table[2].startswith("| a | rnnsearch |")
+  assert table[3].startswith("| b (incomplete: step 5/10) | rnnsearch |")
+  md = cr.write(str(tmp_path / "sweep"), ["a", "b"], title="T")
+  assert "Not finished: b (step 5/10: its last eval is shown)." in md
+
+
+def test_length_table_and_plot_share_one_bucket_order(tmp_path, monkeypatch):
+  _run_dir(tmp_path, "x", "rnnsearch", "reverse", [{
+      "step": 1, "test_by_length/exact_match_10-19": 0.5, "test_by_length/count_10-19": 5.0}])
+  _run_dir(tmp_path, "y", "rnnsearch", "reverse", [{
+      "step": 1, "test_by_length/exact_match_0-9": 0.9, "test_by_length/count_0-9": 4.0,
+      "test_by_length/exact_match_10-19": 0.4, "test_by_length/count_10-19": 6.0}])
+  runs = cr.find_runs(str(tmp_path))
+  assert cr.length_buckets(runs, "exact_match") == {"0-9": "4", "10-19": "5/6"}
+  header = cr.length_table(runs, "exact_match").splitlines()[0]
+  assert header == "| test exact_match by source length | 0-9 (n=4) | 10-19 (n=5/6) |"
+  assert cr.plot_by_length(runs, "exact_match", str(tmp_path / "p.png"))
+  # x is a position in one shared order, not a label placed where it first appears.
+  seen = {}
+  monkeypatch.setattr(cr, "_line_plot", lambda series, path, **kw: seen.update(series, **kw))
+  cr.plot_by_length(runs, "exact_match", str(tmp_path / "q.png"))
+  assert seen["xticks"] == ["0-9", "10-19"]
+  assert seen["x"] == ([1], [0.5]) and seen["y"] == ([0, 1], [0.9, 0.4])

@@ -409,21 +409,26 @@ def _manifest(w):
 
 
 def test_run_local_reports_each_running_trials_latest_step(tmp_path):
-  import io
-  from launch.sweep_spec import Trial
-  script = ("import sys, time\n"
-            "for i in (1, 2):\n"
-            "  print(f'step {i}/2  loss {3 - i}.0  eta 0m01s', flush=True); time.sleep(1.2)\n")
-  trials = [Trial(name=f"t{k}", overrides={}, workdir=str(tmp_path / f"t{k}"),
-                  argv=[PY, "-c", script]) for k in range(2)]
-  manifest = mf.Manifest(str(tmp_path / "sweep.json"))
-  manifest.sync(trials)
-  out = io.StringIO()
-  sweep.run_local(trials, manifest, 2, lambda slot: {}, out=out, progress_every=0.5)
-  lines = out.getvalue().splitlines()
+  # In a subprocess: run_local forks (preexec_fn), which is unsafe from this
+  # pytest process once JAX's threads run in it.
+  trial = ("import time\n"
+           "for i in (1, 2):\n"
+           "  print(f'step {i}/2  loss {3 - i}.0  eta 0m01s', flush=True); time.sleep(1.2)\n")
+  driver = f"""
+import io, sys
+from launch import manifest as mf, sweep
+from launch.sweep_spec import Trial
+trials = [Trial(name=f"t{{k}}", overrides={{}}, workdir=f"{tmp_path}/t{{k}}",
+                argv=[sys.executable, "-c", {trial!r}]) for k in range(2)]
+manifest = mf.Manifest("{tmp_path}/sweep.json")
+manifest.sync(trials)
+sweep.run_local(trials, manifest, 2, lambda slot: {{}}, progress_every=0.5)
+"""
+  res = subprocess.run([PY, "-c", driver], capture_output=True, text=True, timeout=120, cwd=ROOT)
+  lines = res.stdout.splitlines()
   for k in range(2):
     running = [l for l in lines if l.startswith("[running") and f"] t{k}: " in l]
-    assert running and all(l.endswith(("starting", "eta 0m01s")) for l in running)
+    assert running and all(l.endswith(("starting", "eta 0m01s")) for l in running), res.stdout
     assert any(f"step {i}/2  loss {3 - i}.0" in l for l in running for i in (1, 2))
   assert sweep.last_step_line(str(tmp_path / "t0" / sweep.LOG_NAME)).startswith("step 2/2")
   assert sweep.last_step_line(str(tmp_path / "missing.log")) is None

@@ -21,7 +21,9 @@ def learning_rate_fn(config: Any) -> Callable[[int], float]:
   """Host-side schedule ``step -> learning rate`` (a plain Python float).
 
   * ``rsqrt``: the Transformer's "Noam" schedule, linear warm-up then
-    ``lr * sqrt(warmup / step)``; peak ``learning_rate`` at ``warmup_steps``.
+    ``lr * sqrt(warmup / step)``; peak ``learning_rate`` at the 0-based steps
+    ``warmup_steps - 1`` (the warm-up's last, ``(step + 1) / warmup``) and
+    ``warmup_steps`` (the decay's first).
   * ``linear`` / ``cosine``: linear warm-up to ``learning_rate`` then linear
     or cosine decay to ``end_learning_rate_factor * learning_rate`` at
     ``num_train_steps``.

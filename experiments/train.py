@@ -131,8 +131,24 @@ def _targets(task: str, batch: dict):
   return batch["tgt_out"] if task == "seq2seq" else batch["targets"]
 
 
-def make_train_step(model, tx, task: str, config):
+def make_train_step(model, tx, task: str, config, mesh: jax.sharding.Mesh | None = None):
+  """The jit-able ``train_step(state, batch, learning_rate) -> (state, metrics)``.
+
+  With ``grad_accum_steps = k``, micro-batch ``i`` is rows ``i, i + k, i + 2k, ...``
+  of the batch. The batch is sharded over ``mesh``'s ``data`` axis in contiguous
+  row blocks, so each device finds its rows of every micro-batch in its own block
+  (``_validate`` makes ``batch_size / devices`` a multiple of ``k``) and data
+  parallelism is kept: contiguous micro-batches (rows ``i·B/k ...``) made XLA
+  gather the whole batch onto every device, which then computed every
+  micro-batch. Without dropout the update equals one step on the whole batch; with
+  dropout each micro-batch draws its own mask (``fold_in(rng, i)``).
+  """
   accum, smoothing = int(config.grad_accum_steps), float(config.label_smoothing)
+  micro_sharding = None if mesh is None else NamedSharding(mesh, P(None, "data"))
+
+  def micro_batches(x):
+    x = jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1)
+    return x if micro_sharding is None else jax.lax.with_sharding_constraint(x, micro_sharding)
 
   def loss_fn(params, batch, rng):
     logits = model.apply({"params": params}, *model_inputs(task, batch), train=True,
@@ -150,7 +166,7 @@ def make_train_step(model, tx, task: str, config):
     else:
       # Sum micro-batch gradients, then normalise once by the total weight:
       # the same update as one big batch, at 1/accum of the activation memory.
-      micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+      micro = jax.tree.map(micro_batches, batch)
 
       def body(carry, inp):
         i, mb = inp
@@ -337,7 +353,7 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
     num_params = sum(x.size for x in jax.tree.leaves(abstract.params))
     start = int(_host(state.step))
 
-    train_step = jax.jit(make_train_step(model, tx, task, config), donate_argnums=(0,),
+    train_step = jax.jit(make_train_step(model, tx, task, config, mesh), donate_argnums=(0,),
                          in_shardings=(state_sharding, data_sharding, replicated),
                          out_shardings=(state_sharding, replicated))
     eval_step = jax.jit(make_eval_step(model, task), in_shardings=(replicated, data_sharding),

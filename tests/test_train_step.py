@@ -75,3 +75,50 @@ def test_schedules_warm_up_then_follow_their_shape(schedule):
     assert fn(60) == pytest.approx(0.5, abs=1e-6)     # halfway through the decay
   if schedule == "rsqrt":
     assert fn(40) == pytest.approx(0.5, rel=1e-6)     # sqrt(10 / 40)
+
+
+_ACCUM_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tests.test_train_step import _setup
+from experiments import train
+c, model, _, state, batch = _setup()
+tx = optax.inject_hyperparams(optax.sgd)(learning_rate=1.0)
+state = state.replace(opt_state=tx.init(state.params))
+mesh = train.make_mesh()
+rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+state, batch = jax.device_put(state, rep), jax.device_put(batch, data)
+out = {}
+for k in (1, 2):
+  c.grad_accum_steps = k
+  step = jax.jit(train.make_train_step(model, tx, "seq2seq", c, mesh),
+                 in_shardings=(rep, data, rep), out_shardings=(rep, rep))
+  hlo = step.lower(state, batch, np.float32(1e-3)).compile().as_text()
+  new, m = step(state, batch, np.float32(1e-3))
+  out[k] = {"all_gather": hlo.count("all-gather("), "all_reduce": hlo.count("all-reduce("),
+            "loss": float(m["loss"]), "params": [np.asarray(p).tolist() for p in
+                                                 jax.tree.leaves(new.params)[:3]]}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_gradient_accumulation_keeps_data_parallelism_on_four_devices():
+  # Every device must compute only its own rows of each micro-batch: the
+  # compiled step all-reduces gradients and gathers no batch.
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  res = subprocess.run([sys.executable, "-c", _ACCUM_SCRIPT], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads([l for l in res.stdout.splitlines() if l.startswith("RESULT")][0][6:])
+  one, four = out["1"], out["2"]
+  assert four["all_gather"] == 0 and four["all_reduce"] > 0
+  assert four["loss"] == pytest.approx(one["loss"], rel=1e-5)
+  for a, b in zip(one["params"], four["params"]):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)

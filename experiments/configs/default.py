@@ -31,7 +31,7 @@ def base_config() -> config_dict.ConfigDict:
   c.weight_decay = 0.0              # decoupled (AdamW) weight decay
   c.grad_clip_norm = 1.0            # global-norm clipping; 0 disables
   c.label_smoothing = 0.1
-  c.grad_accum_steps = 1            # micro-batches per step (same global batch; same update without dropout)
+  c.grad_accum_steps = 1            # micro-batches per step (same batch; same update sans dropout)
   c.eval_every_steps = 250
   c.num_eval_batches = config_dict.placeholder(int)  # None: the whole eval set
   c.checkpoint_every_steps = 250

@@ -6,7 +6,8 @@
 Works for every language model (``transformer_lm``, ``lstmn_lm``, ``lstm_lm`` and
 the ``compare.py`` text families) with the run's own vocabulary. Each sample,
 prompt included, goes to stdout (or ``--output``), separated by a line of dashes;
-the same ``--seed`` gives the same text. ``--temperature 0`` is greedy decoding.
+the same ``--seed`` gives the same text. ``--temperature 0`` is greedy decoding. An
+existing ``--output`` is never replaced unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def main(argv=None) -> int:
   p.add_argument("--top_k", type=int, default=0, help="0: sample from every token")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--output", type=Path, default=None, help="default: stdout")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   args = p.parse_args(argv)
   try:
     for name in ("length", "num_samples"):
@@ -79,6 +81,8 @@ def main(argv=None) -> int:
         raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}.")
     if args.temperature < 0 or args.top_k < 0:
       raise ConfigError("--temperature and --top_k must be >= 0.")
+    if args.output is not None and args.output.exists() and not args.overwrite:
+      raise ConfigError(f"{args.output} exists; pass --overwrite or choose another --output.")
     samples, step = generate(args.workdir, args.prompt, length=args.length,
                              num_samples=args.num_samples, temperature=args.temperature,
                              top_k=args.top_k, seed=args.seed)
@@ -86,7 +90,9 @@ def main(argv=None) -> int:
     if args.output is None:
       sys.stdout.write(text)
     else:
-      args.output.write_text(text, encoding="utf-8")
+      tmp = args.output.with_name(args.output.name + ".tmp")
+      tmp.write_text(text, encoding="utf-8")
+      tmp.replace(args.output)
     print(f"{len(samples)} sample(s) of {args.length} tokens from checkpoint step {step}",
           file=sys.stderr)
   except (ConfigError, DataError, ResumeError) as e:

@@ -106,19 +106,27 @@ def test_length_penalty_formula():
   np.testing.assert_allclose(decoding.length_penalty(30, 0.0), 1.0)
 
 
+def numpy_greedy(table: np.ndarray, max_len: int) -> tuple[list[int], float]:
+  """Greedy decoding of one sentence's table, never picking PAD or BOS: (tokens, log p)."""
+  prev2, prev, want, score = BOS, BOS, [], 0.0
+  for _ in range(max_len):
+    row = table[prev2, prev].copy()
+    row[[PAD, BOS]] = -np.inf
+    tok = int(np.argmax(row))
+    want.append(tok)
+    score += table[prev2, prev, tok]
+    prev2, prev = prev, tok
+    if tok == EOS:
+      break
+  return want, score
+
+
 def test_greedy_matches_numpy_argmax():
   tables = random_tables(0, 6)
   res = run_greedy(tables, max_len=7)
   assert res.tokens.shape == (6, 7) and res.alignments["align"].shape == (6, 7, 1, V)
   for b in range(6):
-    prev2, prev, want, score = BOS, BOS, [], 0.0
-    for _ in range(7):
-      tok = int(np.argmax(tables[b, prev2, prev]))
-      want.append(tok)
-      score += tables[b, prev2, prev, tok]
-      prev2, prev = prev, tok
-      if tok == EOS:
-        break
+    want, score = numpy_greedy(tables[b], 7)
     assert strip(res.tokens[b]) == tuple(want)
     assert np.all(res.tokens[b, len(want):] == PAD)
     np.testing.assert_allclose(res.scores[b], score, rtol=1e-5)
@@ -335,16 +343,7 @@ def test_searches_never_emit_pad_or_bos_and_keep_true_scores(alpha):
   greedy = run_greedy(tables, max_len=5)
   beam = run_beam(tables, beam_size=64, max_len=4, alpha=alpha)
   for b in range(3):
-    prev2, prev, want, score = BOS, BOS, [], 0.0
-    for _ in range(5):
-      row = tables[b, prev2, prev].copy()
-      row[[PAD, BOS]] = -np.inf
-      tok = int(np.argmax(row))
-      want.append(tok)
-      score += tables[b, prev2, prev, tok]
-      prev2, prev = prev, tok
-      if tok == EOS:
-        break
+    want, score = numpy_greedy(tables[b], 5)
     assert strip(greedy.tokens[b]) == tuple(want)
     np.testing.assert_allclose(greedy.scores[b], score, rtol=1e-5)
     # Exhaustive beam: the finished hypotheses are exactly the word sequences

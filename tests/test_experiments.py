@@ -87,6 +87,10 @@ def test_lm_configs_tiny_end_to_end(name, tmp_path):
   samples = out.read_text().split(f"\n{generate.SEPARATOR}\n")
   assert len(samples) == 2 and all(s.startswith("3 the") for s in samples)
   assert all(len(s.rstrip("\n")) <= len("3 the") + 12 for s in samples)
+  assert generate.main(args) == 2                   # never overwrites without --overwrite
+  assert out.read_text().split(f"\n{generate.SEPARATOR}\n") == samples
+  assert generate.main(args + ["--overwrite"]) == 0
+  assert out.read_text().split(f"\n{generate.SEPARATOR}\n") == samples   # same seed, same text
 
 
 def test_generate_one_line_errors(tmp_path, capsys):

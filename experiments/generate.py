@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.checkpoints import ResumeError
-from experiments.data import DataError
+from experiments.errors import one_line_errors
 from experiments.models import ConfigError, model_task
 from experiments.translate import load_latest
 
@@ -62,6 +61,7 @@ def _max_len(prompt: str, length: int) -> int:
   return len(prompt.encode("utf-8")) + length + 16
 
 
+@one_line_errors
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,29 +75,25 @@ def main(argv=None) -> int:
   p.add_argument("--output", type=Path, default=None, help="default: stdout")
   p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
   args = p.parse_args(argv)
-  try:
-    for name in ("length", "num_samples"):
-      if getattr(args, name) < 1:
-        raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}.")
-    if args.temperature < 0 or args.top_k < 0:
-      raise ConfigError("--temperature and --top_k must be >= 0.")
-    if args.output is not None and args.output.exists() and not args.overwrite:
-      raise ConfigError(f"{args.output} exists; pass --overwrite or choose another --output.")
-    samples, step = generate(args.workdir, args.prompt, length=args.length,
-                             num_samples=args.num_samples, temperature=args.temperature,
-                             top_k=args.top_k, seed=args.seed)
-    text = f"\n{SEPARATOR}\n".join(samples) + "\n"
-    if args.output is None:
-      sys.stdout.write(text)
-    else:
-      tmp = args.output.with_name(args.output.name + ".tmp")
-      tmp.write_text(text, encoding="utf-8")
-      tmp.replace(args.output)
-    print(f"{len(samples)} sample(s) of {args.length} tokens from checkpoint step {step}",
-          file=sys.stderr)
-  except (ConfigError, DataError, ResumeError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  for name in ("length", "num_samples"):
+    if getattr(args, name) < 1:
+      raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}.")
+  if args.temperature < 0 or args.top_k < 0:
+    raise ConfigError("--temperature and --top_k must be >= 0.")
+  if args.output is not None and args.output.exists() and not args.overwrite:
+    raise ConfigError(f"{args.output} exists; pass --overwrite or choose another --output.")
+  samples, step = generate(args.workdir, args.prompt, length=args.length,
+                           num_samples=args.num_samples, temperature=args.temperature,
+                           top_k=args.top_k, seed=args.seed)
+  text = f"\n{SEPARATOR}\n".join(samples) + "\n"
+  if args.output is None:
+    sys.stdout.write(text)
+  else:
+    tmp = args.output.with_name(args.output.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(args.output)
+  print(f"{len(samples)} sample(s) of {args.length} tokens from checkpoint step {step}",
+        file=sys.stderr)
   return 0
 
 

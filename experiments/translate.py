@@ -19,6 +19,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments.checkpoints import ResumeError
+from experiments.errors import one_line_errors
 from experiments.data import DataError, load_vocabs
 from experiments.models import ConfigError, create_model, model_task
 
@@ -70,6 +71,7 @@ def translate_lines(lines, model, params, src_vocab, tgt_vocab, *, beam_size: in
   return out
 
 
+@one_line_errors
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, type=Path)
@@ -81,39 +83,35 @@ def main(argv=None) -> int:
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--overwrite", action="store_true")
   args = p.parse_args(argv)
+  if args.output.exists() and not args.overwrite:
+    raise ConfigError(f"{args.output} exists; pass --overwrite or choose another --output.")
   try:
-    if args.output.exists() and not args.overwrite:
-      raise ConfigError(f"{args.output} exists; pass --overwrite or choose another --output.")
-    try:
-      raw = args.input.read_bytes()
-    except OSError as e:
-      raise DataError(f"cannot read --input {args.input}: {e.strerror}.") from None
-    try:
-      # "\n" only: str.splitlines() also breaks at \x0c, \x85, \u2028, ...,
-      # which would give more output lines than input lines.
-      lines = [line.strip() for line in raw.decode("utf-8").split("\n")]
-      if lines and not lines[-1]:
-        lines.pop()
-    except UnicodeDecodeError as e:
-      line = raw[:e.start].count(b"\n") + 1
-      raise DataError(f"{args.input} line {line} is not valid UTF-8; re-encode the file as"
-                      " UTF-8.") from None
-    config, model, params, src_vocab, tgt_vocab, step = load_latest(args.workdir)
-    if model_task(config.model.name) != "seq2seq":
-      raise ConfigError(f"{args.workdir} holds a {config.model.name} language model; translate"
-                        " needs a translation run.")
-    def progress(done, total):
-      print(f"\rtranslated {done}/{total}", end="", file=sys.stderr, flush=True)
-    hyps = translate_lines(lines, model, params, src_vocab, tgt_vocab, beam_size=args.beam_size,
-                           alpha=args.alpha, max_extra=args.max_extra,
-                           batch_size=args.batch_size, progress=progress)
-    tmp = args.output.with_name(args.output.name + ".tmp")
-    tmp.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    tmp.replace(args.output)
-    print(f"\nwrote {len(hyps)} lines to {args.output} (checkpoint step {step})", file=sys.stderr)
-  except (ConfigError, DataError, ResumeError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    raw = args.input.read_bytes()
+  except OSError as e:
+    raise DataError(f"cannot read --input {args.input}: {e.strerror}.") from None
+  try:
+    # "\n" only: str.splitlines() also breaks at \x0c, \x85, \u2028, ...,
+    # which would give more output lines than input lines.
+    lines = [line.strip() for line in raw.decode("utf-8").split("\n")]
+    if lines and not lines[-1]:
+      lines.pop()
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    raise DataError(f"{args.input} line {line} is not valid UTF-8; re-encode the file as"
+                    " UTF-8.") from None
+  config, model, params, src_vocab, tgt_vocab, step = load_latest(args.workdir)
+  if model_task(config.model.name) != "seq2seq":
+    raise ConfigError(f"{args.workdir} holds a {config.model.name} language model; translate"
+                      " needs a translation run.")
+  def progress(done, total):
+    print(f"\rtranslated {done}/{total}", end="", file=sys.stderr, flush=True)
+  hyps = translate_lines(lines, model, params, src_vocab, tgt_vocab, beam_size=args.beam_size,
+                         alpha=args.alpha, max_extra=args.max_extra,
+                         batch_size=args.batch_size, progress=progress)
+  tmp = args.output.with_name(args.output.name + ".tmp")
+  tmp.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+  tmp.replace(args.output)
+  print(f"\nwrote {len(hyps)} lines to {args.output} (checkpoint step {step})", file=sys.stderr)
   return 0
 
 

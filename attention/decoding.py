@@ -22,9 +22,9 @@ beam step gather every non-scalar leaf along the beams' ancestry. Scalar
 Outputs never contain ``BOS``; a finished sequence holds its ``EOS`` and then
 ``PAD``. The searches never pick ``BOS`` or ``PAD`` as a token (a model puts some
 probability on them, trained or not); scores stay the model's own
-log-probabilities, not renormalised over the other tokens. Alignments ``aux[name]`` are stacked per output step: ``[B, L, ...,
-S]``, zero after ``EOS``, and for beam search follow each returned beam's own
-history.
+log-probabilities, not renormalised over the other tokens. Alignments
+``aux[name]`` are stacked per output step: ``[B, L, ..., S]``, zero after ``EOS``,
+and for beam search follow each returned beam's own history.
 """
 
 from __future__ import annotations

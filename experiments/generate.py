@@ -28,7 +28,7 @@ SEPARATOR = "-" * 40
 
 def generate(workdir: Path, prompt: str, *, length: int, num_samples: int = 1,
              temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> tuple[list[str], int]:
-  """``(samples, checkpoint step)``: ``num_samples`` texts, each the prompt and ``length`` tokens."""
+  """``(samples, checkpoint step)``: ``num_samples`` texts, each prompt + ``length`` tokens."""
   import jax
   import jax.numpy as jnp
 

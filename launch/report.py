@@ -154,9 +154,17 @@ def plot(path: str, rows: Sequence[dict[str, Any]], fields: Sequence[str], metri
     groups = {metric: list(pts)}
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
   for label, group in groups.items():
-    group.sort(key=lambda r: xpos(r["overrides"][x]))
-    ax.plot([xpos(r["overrides"][x]) for r in group], [r["metrics"][metric] for r in group],
-            marker="o", label=label)
+    # Lines join finished trials; an unfinished one's last eval is a hollow mark.
+    done = sorted((r for r in group if r.get("status") == mf.DONE),
+                  key=lambda r: xpos(r["overrides"][x]))
+    if done:
+      ax.plot([xpos(r["overrides"][x]) for r in done], [r["metrics"][metric] for r in done],
+              marker="o", label=label)
+  late = [r for r in pts if r.get("status") != mf.DONE]
+  if late:
+    ax.plot([xpos(r["overrides"][x]) for r in late], [r["metrics"][metric] for r in late],
+            marker="o", markerfacecolor="none", color="gray", linestyle="none",
+            label="not finished (last eval)")
   for r in pts:
     if r["name"] == best:
       ax.plot([xpos(r["overrides"][x])], [r["metrics"][metric]], marker="*", markersize=16,

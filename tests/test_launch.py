@@ -399,6 +399,23 @@ def test_report_marks_best_and_lists_failures(tmp_path):
   assert "| * | t0 |" in (tmp_path / "report.md").read_text()
 
 
+def test_report_plot_joins_finished_trials_only(tmp_path, monkeypatch):
+  import matplotlib.axes
+  drawn = []
+  real = matplotlib.axes.Axes.plot
+  monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, xs, ys, **kw: (
+      drawn.append((list(xs), list(ys), kw.get("label"))), real(self, xs, ys, **kw))[1])
+  rows = [{"name": f"t{i}", "overrides": {"learning_rate": lr}, "status": status,
+           "metrics": {"eval/accuracy": acc}}
+          for i, (lr, acc, status) in enumerate([(0.1, 0.5, "done"), (0.01, 0.6, "failed"),
+                                                 (0.001, 0.7, "done")])]
+  assert report.plot(str(tmp_path / "p.png"), rows, ["learning_rate"], "eval/accuracy",
+                     "learning_rate", "t2")
+  lines = {label: (xs, ys) for xs, ys, label in drawn}
+  assert lines["eval/accuracy"] == ([0.001, 0.1], [0.7, 0.5])   # the failed t1 is not joined
+  assert lines["not finished (last eval)"] == ([0.01], [0.6])
+
+
 # ------------------------------------------------------------------ real local sweep
 
 def _manifest(w):

@@ -149,7 +149,16 @@ def fmt(v: float | None, digits: int = 3) -> str:
     return "–"
   if abs(v) >= 1e5:
     return f"{v / 1e6:.2f}M"
-  return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+  if abs(v) >= 1000:
+    return f"{v:.0f}"
+  text = f"{v:.{digits}g}"
+  # More digits where rounding carries into the next power of ten (an accuracy
+  # of 0.9996 shown as "1", a BLEU of 99.96 as "100": a perfect score it is not).
+  magnitude = lambda x: math.floor(math.log10(abs(x))) if x else 0  # noqa: E731
+  while v and magnitude(float(text)) > magnitude(v) and digits < 6:
+    digits += 1
+    text = f"{v:.{digits}g}"
+  return text
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

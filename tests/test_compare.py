@@ -250,6 +250,8 @@ def test_summary_and_length_tables(tmp_path):
   assert cr.length_table(runs, "exact_match", split="dev") == ""
   assert [cr.fmt(v) for v in (None, float("nan"), 0.0, 1234.4, 99999, 2.5e6, 0.012345)] == [
       "–", "–", "0", "1234", "99999", "2.50M", "0.0123"]
+  assert [cr.fmt(v) for v in (0.9996, 99.96, 9.9996, 1.0, 21.04, 0.99999999, -0.9996)] == [
+      "0.9996", "99.96", "9.9996", "1", "21", "1", "-0.9996"]
 
 
 def test_write_markdown_and_pngs(tmp_path):

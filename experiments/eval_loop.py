@@ -1,10 +1,10 @@
-"""One evaluation pass of the trainer: metrics, decoding with BLEU, alignment plots."""
+"""One evaluation pass of the trainer: metrics, decoding with BLEU, alignment plots, LM samples."""
 
 from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -70,6 +70,14 @@ def evaluate_all(config, model, params, ds, eval_step: Callable, data_sharding, 
       plots.plot_metric_vs_length(scored["buckets"],
                                   workdir / "plots" / f"by_length_step{step:08d}.png",
                                   title=f"{config.model.name} @ {step}")
+  if task == "lm" and jax.process_index() == 0 and config.get("num_sample_tokens", 0):
+    note(f"eval @ {step}: sampling {config.num_sample_tokens} tokens")
+    text = lm_sample_text(model, host_params, ds.tgt_vocab, ds.eval, config.num_sample_tokens,
+                          seed=config.seed)
+    # Fenced: TensorBoard renders text summaries as Markdown.
+    writer.write_texts(step, {"samples/lm": f"```\n{text}\n```"})
+    with open(workdir / "samples.txt", "a", encoding="utf-8") as f:
+      f.write(f"=== step {step} ===\n{text}\n")
   if jax.process_index() == 0 and config.num_plot_examples:
     first = next(iter(ds.eval()))
     examples = evaluate.alignment_examples(model, host_params, first, ds.src_vocab,
@@ -80,3 +88,47 @@ def evaluate_all(config, model, params, ds, eval_step: Callable, data_sharding, 
         writer.write_image(step, f"alignments/{i}/{name}", plots.heatmap_image(
             matrix, ex.columns.get(name, ex.src_tokens), ex.tgt_tokens, title=name))
   return metrics
+
+
+_SAMPLERS: dict[tuple[int, int, int], tuple[Any, Callable]] = {}
+
+
+def _sampler(model: Any, prompt_len: int, num_tokens: int) -> Callable:
+  """One jitted ``(params, prompt [1, P], key) -> tokens`` per model and lengths.
+
+  Kept across evals, so the sampling loop compiles once per run.
+  """
+  from attention.sampling import lm_step_fn, sample
+  from experiments.data.tokenizers import BOS, PAD, UNK
+
+  key = (id(model), prompt_len, num_tokens)
+  if key in _SAMPLERS and _SAMPLERS[key][0] is model:
+    return _SAMPLERS[key][1]
+  if len(_SAMPLERS) >= 8:   # one process can train many runs (tests, sweeps in-process)
+    _SAMPLERS.clear()
+
+  def run(params, prompt, key):
+    state, step_fn = lm_step_fn(model, {"params": params}, batch_size=1,
+                                max_len=prompt_len + num_tokens)
+    return sample(step_fn, state, prompt, key, num_tokens=num_tokens, temperature=1.0,
+                  exclude=(PAD, BOS, UNK))
+
+  _SAMPLERS[key] = (model, jax.jit(run))
+  return _SAMPLERS[key][1]
+
+
+def lm_sample_text(model, params, vocab, eval_batches: Callable, num_tokens: int,
+                   seed: int) -> str:
+  """A sampled continuation (temperature 1, fixed ``seed``) of a newline, for the eval log.
+
+  The prompt is a newline where the vocabulary has one (running text), else the
+  first token of the eval set. The same seed at every eval shows how the text
+  changes as the model trains.
+  """
+  from experiments.data.tokenizers import UNK
+  prompt = [i for i in vocab.encode("\n") if i != UNK]
+  if not prompt:
+    prompt = [int(np.asarray(next(iter(eval_batches()))["inputs"])[0, 0])]
+  tokens = _sampler(model, len(prompt), num_tokens)(
+      params, np.asarray([prompt], np.int32), jax.random.key(seed))
+  return vocab.decode(prompt + np.asarray(tokens)[0].tolist())

@@ -79,7 +79,7 @@ _POSITIVE_INTS = ("num_train_steps", "batch_size", "eval_batch_size", "grad_accu
                   "max_checkpoints_to_keep", "decode.beam_size")
 _OPTIONAL_POSITIVE_INTS = ("num_eval_batches", "decode.num_batches")
 _NON_NEGATIVE = ("learning_rate", "warmup_steps", "grad_clip_norm", "weight_decay",
-                 "num_plot_examples", "decode.max_extra")
+                 "num_plot_examples", "num_sample_tokens", "decode.max_extra")
 
 
 def _field(config, dotted: str):
@@ -318,8 +318,10 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
   if ds.task != task:
     raise ConfigError(f"model.name={config.model.name!r} is a {task} model but data.name="
                       f"{config.data.name!r} is a {ds.task} task; pick a matching pair.")
+  # An LM's per-eval sample (a prompt token plus num_sample_tokens) must fit too.
+  sample_len = int(config.get("num_sample_tokens") or 0) + 2 if task == "lm" else 0
   max_len = int(max(ds.stats.get("eval_max_len", 0) or 0, config.data.get("max_len") or 0,
-                    config.data.get("seq_len") or 0)) + config.decode.max_extra + 18
+                    config.data.get("seq_len") or 0, sample_len)) + config.decode.max_extra + 18
   # (+18: decoding pads sources up to a multiple of 16, plus BOS/EOS)
   model = create_model(config.model, src_vocab_size=ds.src_vocab.size,
                        tgt_vocab_size=ds.tgt_vocab.size, max_len=max_len)

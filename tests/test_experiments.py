@@ -79,6 +79,11 @@ def test_lm_configs_tiny_end_to_end(name, tmp_path):
   metrics = train.train_and_evaluate(c, str(tmp_path / "run"))
   assert metrics["step"] == c.num_train_steps
   assert 1.0 < metrics["eval/perplexity"] < 100
+  # Each eval wrote a sample: a newline, then num_sample_tokens (16) characters.
+  samples = (tmp_path / "run" / "samples.txt").read_text().split("=== step ")[1:]
+  assert [s.split(" ===")[0] for s in samples] == ["10"]
+  text = samples[0].split(" ===\n", 1)[1]
+  assert text.startswith("\n") and 1 < len(text.rstrip("\n")) <= 17 and "<unk>" not in text
   # Sampling from the run: two samples, each the prompt and 12 characters.
   out = tmp_path / "samples.txt"
   args = ["--workdir", str(tmp_path / "run"), "--prompt", "3 the", "--length", "12",

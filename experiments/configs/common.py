@@ -65,5 +65,6 @@ def tiny_run(c: config_dict.ConfigDict) -> None:
   c.num_eval_batches = 2
   c.decode.num_batches = 1
   c.num_plot_examples = 1
+  c.num_sample_tokens = 16
   if "num_eval" in c.data:
     c.data.num_eval = 32

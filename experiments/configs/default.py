@@ -39,6 +39,7 @@ def base_config() -> config_dict.ConfigDict:
   c.log_every_steps = 50
   c.model_parallelism = 1           # size of the mesh's 'model' axis (data axis = rest)
   c.num_plot_examples = 3           # alignment heatmaps per eval
+  c.num_sample_tokens = 200         # LMs: a sampled continuation per eval (TensorBoard, samples.txt)
   c.decode = config_dict.ConfigDict()
   c.decode.enabled = True           # decode the eval set (BLEU, decoded accuracy)
   c.decode.beam_size = 1

@@ -34,6 +34,8 @@ RESUMABLE_CHANGES = (
     "learning_rate", "schedule", "warmup_steps", "end_learning_rate_factor",
     "max_checkpoints_to_keep", "num_eval_batches", "num_plot_examples", "decode",
     "eval_batch_size", "grad_clip_norm", "weight_decay", "label_smoothing",
+    # Eval output only; runs from before the field existed lack it.
+    "num_sample_tokens",
 )
 
 log = logging.getLogger("experiments")

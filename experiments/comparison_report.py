@@ -55,10 +55,12 @@ class Run:
     A run that failed or was stopped keeps the metrics of its last eval; tables
     mark it rather than show those as final.
     """
-    if not self.history or mf.is_complete(self.workdir):
+    total = (mf.run_config(self.workdir) or {}).get("num_train_steps")
+    step = self.final.get("step")
+    # The step of the records this table shows (read_metrics skips a torn line).
+    if total is None or step is None or int(step) >= int(total):
       return ""
-    total = (mf.run_config(self.workdir) or {}).get("num_train_steps", "?")
-    return f"step {self.final.get('step', '?')}/{total}"
+    return f"step {step}/{total}"
 
   @property
   def display(self) -> str:
@@ -145,6 +147,8 @@ def wall_seconds(root: str) -> dict[str, float]:
 
 
 def fmt(v: float | None, digits: int = 3) -> str:
+  """``digits`` significant digits (up to 6 where rounding would carry into the next
+  power of ten, so 0.9996 is not shown as 1; 0.99999999 still is), ``M`` from 1e5."""
   if v is None or (isinstance(v, float) and math.isnan(v)):
     return "–"
   if abs(v) >= 1e5:

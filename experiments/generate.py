@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     raise ConfigError("--temperature and --top_k must be >= 0.")
   if args.output is not None and args.output.exists() and not args.overwrite:
     raise ConfigError(f"{args.output} exists; pass --overwrite or choose another --output.")
+  if args.output is not None and not args.output.parent.is_dir():
+    raise ConfigError(f"--output {args.output}: folder {args.output.parent} does not exist.")
   samples, step = generate(args.workdir, args.prompt, length=args.length,
                            num_samples=args.num_samples, temperature=args.temperature,
                            top_k=args.top_k, seed=args.seed)

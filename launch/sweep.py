@@ -181,7 +181,7 @@ def run_local(trials: Sequence[Trial], manifest: mf.Manifest, parallel: int,
         del running[slot]
         free.append(slot)
         _finish(trial, proc.returncode, manifest, time.time() - t0, out)
-      if running and time.time() >= next_report:
+      if running and progress_every > 0 and time.time() >= next_report:
         next_report = time.time() + progress_every
         for trial, _, t0 in running.values():
           line = last_step_line(os.path.join(trial.workdir, LOG_NAME)) or "starting"
@@ -274,7 +274,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--platform", choices=("auto", "cpu", "gpu", "tpu"), default="auto")
   p.add_argument("--python", default=sys.executable, help="interpreter of the trials")
   p.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
-                 help="print each running trial's latest step line this often")
+                 help="print each running trial's latest step line this often (0: never)")
   p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                  help="--config.a=b overrides appended to every trial (must come last)")
   return p

@@ -481,6 +481,10 @@ def test_reports_mark_incomplete_runs_and_read_the_sweeps_own_folders(tmp_path):
   assert table[3].startswith("| b (incomplete: step 5/10) | rnnsearch |")
   md = cr.write(str(tmp_path / "sweep"), ["a", "b"], title="T")
   assert "Not finished: b (step 5/10: its last eval is shown)." in md
+  # A torn line after the final eval (a kill mid-write) does not make it incomplete.
+  with open(done / "metrics.jsonl", "a") as f:
+    f.write('{"step": 1')
+  assert cr.Run("a", str(done)).incomplete == ""
 
 
 def test_length_table_and_plot_share_one_bucket_order(tmp_path, monkeypatch):

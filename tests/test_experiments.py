@@ -101,8 +101,10 @@ def test_lm_configs_tiny_end_to_end(name, tmp_path):
 def test_generate_one_line_errors(tmp_path, capsys):
   assert generate.main(["--workdir", str(tmp_path / "none")]) == 2
   assert generate.main(["--workdir", str(tmp_path), "--length", "0"]) == 2
+  assert generate.main(["--workdir", str(tmp_path), "--output", str(tmp_path / "no" / "x")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 2 and "config.json not found" in err[0] and "--length" in err[1]
+  assert len(err) == 3 and "config.json not found" in err[0] and "--length" in err[1]
+  assert "does not exist" in err[2]
 
 
 def test_multi30k_layout_run_then_translate(tmp_path):
@@ -233,6 +235,21 @@ def test_config_json_without_checkpoint_is_replaced_and_kept(tmp_path):
   assert json.loads((tmp_path / "config.unused-1.json").read_text()) == {"batch_size": 64}
   with pytest.raises(ResumeError, match="batch_size was 32, now 16"):
     check_and_write_config({"batch_size": 16}, tmp_path, 10)   # with a checkpoint
+
+
+
+def test_resume_of_a_run_from_before_num_sample_tokens_is_accepted(tmp_path):
+  # A workdir written before the field existed lacks it; the field only shapes
+  # eval output, so resuming with it (or changing it) must not be refused.
+  from experiments.checkpoints import check_and_write_config
+  from experiments.configs import default
+  config = default.get_config().to_dict()
+  old = {k: v for k, v in config.items() if k != "num_sample_tokens"}
+  check_and_write_config(old, tmp_path, None)
+  check_and_write_config(config, tmp_path, 10)
+  check_and_write_config({**config, "num_sample_tokens": 0}, tmp_path, 20)
+  assert json.loads((tmp_path / "config.resume-20.json").read_text())["num_sample_tokens"] == 0
+  assert "num_sample_tokens" not in json.loads((tmp_path / "config.json").read_text())
 
 
 def test_grad_clip_norm_zero_keeps_optimizer_structure_and_does_not_clip():

@@ -277,3 +277,15 @@ def test_grad_clip_norm_zero_keeps_optimizer_structure_and_does_not_clip():
   clipped = plain.update(jax.tree.map(lambda g: g / 50.0, grads), plain.init(params),
                          params)[0]["w"] * scale
   np.testing.assert_allclose(updates[1], clipped, rtol=1e-6)
+
+
+def test_every_top_level_config_field_is_classed_for_resume():
+  # A field added to the configs must be put in RESUMABLE_CHANGES or here, on
+  # purpose: a field in neither makes every run written before it unresumable
+  # (its old config lacks the field, which then reads as a change).
+  from experiments.checkpoints import RESUMABLE_CHANGES
+  fixed_on_resume = {"adam_b1", "adam_b2", "adam_eps", "batch_size", "data",
+                     "grad_accum_steps", "model", "model_parallelism", "seed"}
+  for name, arg in [("default", None), ("transformer_lm", "tiny"), ("compare", "task=text")]:
+    keys = set(load_config(name, arg).keys())
+    assert keys - set(RESUMABLE_CHANGES) == fixed_on_resume, name

@@ -137,8 +137,8 @@ def train_all(args: argparse.Namespace, chosen: Sequence[str], extra: Sequence[s
     print(f"[{i}/{len(chosen)}] {family}: training; log {log}", flush=True)
     # A family trained from scratch (its workdir deleted, or never checkpointed)
     # starts its wall time afresh; a resume adds to what compare.json has.
-    fresh = not os.path.isdir(os.path.join(wd, "checkpoints")) or not os.listdir(
-        os.path.join(wd, "checkpoints"))
+    ckpts = os.path.join(wd, "checkpoints")
+    fresh = not os.path.isdir(ckpts) or not os.listdir(ckpts)
     start = time.perf_counter()
     with open(log, "a") as out:
       out.write("$ " + " ".join(argv) + "\n")

@@ -7,6 +7,7 @@ so a report can be rebuilt at any time, on any machine that has the directories.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -48,7 +49,7 @@ class Run:
         if rec["step"] == last:
           self.final.update(rec)
 
-  @property
+  @functools.cached_property
   def incomplete(self) -> str:
     """``""`` when the last eval is at ``num_train_steps``, else ``"step S/N"``.
 

@@ -101,9 +101,9 @@ def _sampler(model: Any, prompt_len: int, num_tokens: int) -> Callable:
   from attention.sampling import lm_step_fn, sample
   from experiments.data.tokenizers import BOS, PAD, UNK
 
-  key = (id(model), prompt_len, num_tokens)
-  if key in _SAMPLERS and _SAMPLERS[key][0] is model:
-    return _SAMPLERS[key][1]
+  cache_key = (id(model), prompt_len, num_tokens)
+  if cache_key in _SAMPLERS and _SAMPLERS[cache_key][0] is model:
+    return _SAMPLERS[cache_key][1]
   if len(_SAMPLERS) >= 8:   # one process can train many runs (tests, sweeps in-process)
     _SAMPLERS.clear()
 
@@ -113,8 +113,8 @@ def _sampler(model: Any, prompt_len: int, num_tokens: int) -> Callable:
     return sample(step_fn, state, prompt, key, num_tokens=num_tokens, temperature=1.0,
                   exclude=(PAD, BOS, UNK))
 
-  _SAMPLERS[key] = (model, jax.jit(run))
-  return _SAMPLERS[key][1]
+  _SAMPLERS[cache_key] = (model, jax.jit(run))
+  return _SAMPLERS[cache_key][1]
 
 
 def lm_sample_text(model, params, vocab, eval_batches: Callable, num_tokens: int,

@@ -12,7 +12,6 @@ eight simulated devices, or every host of a TPU pod.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -453,7 +452,7 @@ def _train_and_evaluate(config, workdir: Path, primary: bool) -> dict:
             if (workdir / n.rstrip("/")).exists()]
     print(f"outputs in {workdir}: {', '.join(made)}, TensorBoard events"
           f" (tensorboard --logdir {workdir})", flush=True)
-  if not last_metrics and (workdir / "metrics.jsonl").exists():
-    lines = (workdir / "metrics.jsonl").read_text().strip().splitlines()
-    last_metrics = json.loads(lines[-1]) if lines else {}
+  if not last_metrics:
+    records = read_metrics(workdir)
+    last_metrics = records[-1] if records else {}
   return last_metrics

@@ -47,15 +47,23 @@ def last_metrics(workdir: str) -> dict[str, Any] | None:
     return None
 
 
-def error_line(log_path: str) -> str:
-  """The one-line ``error:`` that experiments.run prints, else the log's last line."""
+def log_tail(log_path: str, max_bytes: int = 20000) -> str | None:
+  """The last ``max_bytes`` of a log as text, or None when it cannot be read."""
   try:
     with open(log_path, "rb") as f:
       f.seek(0, os.SEEK_END)
-      f.seek(max(0, f.tell() - 20000))
-      lines = f.read().decode(errors="replace").splitlines()
+      f.seek(max(0, f.tell() - max_bytes))
+      return f.read().decode("utf-8", "replace")
   except OSError:
+    return None
+
+
+def error_line(log_path: str) -> str:
+  """The one-line ``error:`` that experiments.run prints, else the log's last line."""
+  text = log_tail(log_path)
+  if text is None:
     return ""
+  lines = text.splitlines()
   errors = [l for l in lines if l.startswith("error:")]
   tail = [l for l in lines if l.strip()]
   return (errors or tail or [""])[-1].strip()

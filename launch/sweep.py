@@ -129,14 +129,8 @@ def _duration(seconds: float) -> str:
 
 def last_step_line(log_path: str, tail_bytes: int = 8192) -> str | None:
   """The trainer's latest ``step N/M ...`` progress line in a trial's log, if any."""
-  try:
-    with open(log_path, "rb") as f:
-      f.seek(0, os.SEEK_END)
-      f.seek(max(0, f.tell() - tail_bytes))
-      text = f.read().decode("utf-8", "replace")
-  except OSError:
-    return None
-  for line in reversed(re.split(r"[\r\n]", text)):
+  text = mf.log_tail(log_path, tail_bytes)
+  for line in reversed(re.split(r"[\r\n]", text or "")):
     if re.match(r"\s*step \d+/\d+", line):
       return line.strip()
   return None

@@ -148,22 +148,27 @@ def wall_seconds(root: str) -> dict[str, float]:
 
 
 def fmt(v: float | None, digits: int = 3) -> str:
-  """``digits`` significant digits (up to 6 where rounding would carry into the next
-  power of ten, so 0.9996 is not shown as 1; 0.99999999 still is), ``M`` from 1e5."""
+  """``digits`` significant digits, trailing zeros kept (30.98 is "31.0", not "31"),
+  up to 6 where rounding would carry into the next power of ten (0.9996 is not
+  shown as 1; 0.99999999 still is), ``M`` from 1e5."""
   if v is None or (isinstance(v, float) and math.isnan(v)):
     return "–"
   if abs(v) >= 1e5:
     return f"{v / 1e6:.2f}M"
   if abs(v) >= 1000:
     return f"{v:.0f}"
-  text = f"{v:.{digits}g}"
+  if v == 0:
+    return "0"
+  # "#" keeps the trailing zeros that say how precise a number is; a bare
+  # trailing "." (146. for 145.5) is dropped.
+  show = lambda d: f"{v:#.{d}g}".rstrip(".")  # noqa: E731
   # More digits where rounding carries into the next power of ten (an accuracy
-  # of 0.9996 shown as "1", a BLEU of 99.96 as "100": a perfect score it is not).
-  magnitude = lambda x: math.floor(math.log10(abs(x))) if x else 0  # noqa: E731
-  while v and magnitude(float(text)) > magnitude(v) and digits < 6:
-    digits += 1
-    text = f"{v:.{digits}g}"
-  return text
+  # of 0.9996 shown as "1.00", a BLEU of 99.96 as "100": a perfect score it is not).
+  magnitude = lambda x: math.floor(math.log10(abs(x)))  # noqa: E731
+  for d in range(digits, 7):
+    if magnitude(float(show(d))) <= magnitude(v):
+      return show(d)
+  return show(digits)
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

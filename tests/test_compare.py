@@ -237,21 +237,23 @@ def test_summary_and_length_tables(tmp_path):
   assert lines[0] == ("| run | model | params | steps | wall s | train loss | eval loss | eval acc"
                       " | eval seq acc | eval BLEU | test BLEU | test exact |")
   assert lines[1] == "|" + "---|" * 12
-  assert lines[2] == "| rnnsearch | rnnsearch | 34900 | 4 | 12.35 | 2.5 | 1.23 | 0.875 | 0.5" \
-                     " | 45.7 | 40 | 0.25 |"
-  assert lines[3] == ("| transformer | transformer | 1.23M | 6 | – | 0.5 | 0.4 | 0.99 | 0.9 | – | –"
-                      " | 0.8 |")
+  assert lines[2] == "| rnnsearch | rnnsearch | 34900 | 4 | 12.35 | 2.50 | 1.23 | 0.875 | 0.500" \
+                     " | 45.7 | 40.0 | 0.250 |"
+  assert lines[3] == ("| transformer | transformer | 1.23M | 6 | – | 0.500 | 0.400 | 0.990 | 0.900 | – | –"
+                      " | 0.800 |")
   assert cr.length_metric(runs) == "exact_match"
   table = cr.length_table(runs, "exact_match").splitlines()
   assert table[0] == ("| test exact_match by source length | 0-9 (n=12) | 10-19 (n=5) | 20-29 (n=3)"
                       " | 40+ (n=1) |")
-  assert table[2] == "| rnnsearch | 0.75 | 0.4 | 0.125 | 0 |"
-  assert table[3] == "| transformer | 1 | 0.6 | – | – |"
+  assert table[2] == "| rnnsearch | 0.750 | 0.400 | 0.125 | 0 |"
+  assert table[3] == "| transformer | 1.00 | 0.600 | – | – |"
   assert cr.length_table(runs, "exact_match", split="dev") == ""
   assert [cr.fmt(v) for v in (None, float("nan"), 0.0, 1234.4, 99999, 2.5e6, 0.012345)] == [
       "–", "–", "0", "1234", "99999", "2.50M", "0.0123"]
   assert [cr.fmt(v) for v in (0.9996, 99.96, 9.9996, 1.0, 21.04, 0.99999999, -0.9996)] == [
-      "0.9996", "99.96", "9.9996", "1", "21", "1", "-0.9996"]
+      "0.9996", "99.96", "9.9996", "1.00", "21.0", "1.00", "-0.9996"]
+  # Trailing zeros say how precise a figure is; a bare trailing point is dropped.
+  assert [cr.fmt(v) for v in (30.98, 0.4, 145.5)] == ["31.0", "0.400", "146"]
 
 
 def test_write_markdown_and_pngs(tmp_path):
@@ -261,7 +263,7 @@ def test_write_markdown_and_pngs(tmp_path):
   md = cr.write(str(tmp_path), ["rnnsearch", "transformer", "luong"], runs=runs, title="T")
   assert (tmp_path / "compare.md").read_text() == md
   assert md.startswith("# Comparison: T\n")
-  assert "| rnnsearch | rnnsearch | 34900 | 4 | 7 |" in md
+  assert "| rnnsearch | rnnsearch | 34900 | 4 | 7.000 |" in md
   assert "| test exact_match by source length | 0-9 (n=12) |" in md
   assert "![by length](compare_by_length.png)" in md and "![eval loss](compare_eval_loss.png)" in md
   assert "Not finished: luong." in md
@@ -285,9 +287,9 @@ def test_lm_runs_give_perplexity_and_bits(tmp_path):
   table = cr.summary_table(runs).splitlines()
   assert table[0] == ("| run | model | params | steps | wall s | train loss | eval loss | eval ppl"
                       " | bits/token | eval acc |")
-  assert table[2] == "| lstm | lstm_lm | 0.99M | 10 | – | 1.3 | 1.21 | 3.36 | 1.75 | 0.61 |"
-  assert table[3] == ("| transformer | transformer_lm | 1.02M | 10 | – | 1.1 | 1.39 | 4 | 2"
-                      " | 0.7 |")
+  assert table[2] == "| lstm | lstm_lm | 0.99M | 10 | – | 1.30 | 1.21 | 3.36 | 1.75 | 0.610 |"
+  assert table[3] == ("| transformer | transformer_lm | 1.02M | 10 | – | 1.10 | 1.39 | 4.00 | 2.00"
+                      " | 0.700 |")
   md = cr.write(str(tmp_path))
   assert "by source length" not in md and "compare_by_length" not in md
   assert not (tmp_path / "compare_by_length.png").exists()

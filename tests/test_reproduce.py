@@ -159,13 +159,13 @@ def test_table4_pivots_score_by_mode_with_missing_cells(tmp_path, capsys):
   assert out.splitlines()[0] == "test/bleu (eval perplexity in brackets)"
   pivot, summary = _tables(out)
   assert pivot[0] == ["model.score \\ model.mode", "global", "local-p"]
-  assert pivot[1:] == [["dot", "21 (14.5)", "22.5 (13.9)"],
+  assert pivot[1:] == [["dot", "21.0 (14.5)", "22.5 (13.9)"],
                        ["general", "23.4 (12.6)", "24.9 (11.7)"],
-                       ["concat", "19.3 (16)", "–"]]   # concat/local-p never logged a metric
+                       ["concat", "19.3 (16.0)", "–"]]   # concat/local-p never logged a metric
   assert [r[0] for r in summary[1:]] == [n for n, (_, f) in trials.items() if f]
   # Wall seconds from sweep.json's start and end times (trial k ends at 10:0k:30).
   wall = summary[0].index("wall s")
-  assert [r[wall] for r in summary[1:]] == ["90", "150", "210", "270", "330"]
+  assert [r[wall] for r in summary[1:]] == ["90.00", "150.0", "210.0", "270.0", "330.0"]
   assert (root / "table4.md").read_text().strip() == out.strip()
 
 
@@ -177,7 +177,7 @@ def test_table4_falls_back_to_eval_bleu(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.startswith("eval/bleu (eval perplexity in brackets)")
   pivot = _tables(out)[0]
-  assert pivot[1:] == [["dot", "7.5 (30)", "–"], ["general", "–", "8.25 (25)"]]
+  assert pivot[1:] == [["dot", "7.50 (30.0)", "–"], ["general", "–", "8.25 (25.0)"]]
 
 
 # ---------------------------------------------------------------------------- table3a
@@ -198,10 +198,10 @@ def test_table3a_lm_rows_sorted_by_heads_with_bits_per_token(tmp_path, capsys):
   (table,) = _tables(out)
   assert table[0] == ["h", "d_k = d_v", "params", "steps", "eval loss", "eval ppl", "bits/token"]
   assert table[1:] == [
-      ["1", "160", "1.02M", "100", "1.71", "5.529", "2.467"],
-      ["4", "40", "1.02M", "100", "1.55", "4.711", "2.236"],
-      ["8", "20", "1.02M", "100", "1.5", "4.482", "2.164"],
-      ["16", "10", "1.02M", "100", "1.62", "5.053", "2.337"]]
+      ["1", "160", "1.02M", "100", "1.710", "5.529", "2.467"],
+      ["4", "40", "1.02M", "100", "1.550", "4.711", "2.236"],
+      ["8", "20", "1.02M", "100", "1.500", "4.482", "2.164"],
+      ["16", "10", "1.02M", "100", "1.620", "5.053", "2.337"]]
   assert (root / "table3a.md").is_file()
   assert (root / "table3a.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -215,8 +215,8 @@ def test_table3a_translation_reports_bleu(tmp_path, capsys):
   (table,) = _tables(capsys.readouterr().out)
   assert table[0][-2:] == ["eval BLEU", "test BLEU"]
   assert "bits/token" not in table[0]
-  assert table[1] == ["1", "128", "–", "100", "2.25", "–", "27.5", "–"]
-  assert table[2] == ["8", "16", "–", "100", "2", "–", "30.1", "29.9"]
+  assert table[1] == ["1", "128", "–", "100", "2.250", "–", "27.5", "–"]
+  assert table[2] == ["8", "16", "–", "100", "2.000", "–", "30.1", "29.9"]
 
 
 # ---------------------------------------------------------------------------- fig2, lstmn
@@ -256,8 +256,8 @@ def test_fig2_writes_png_and_by_length_tables(tmp_path, capsys):
   by_len = [t for t in tables if "by source length" in t[0][0]]
   assert by_len[0] == [
       ["test exact_match by source length", "0-4 (n=100)", "5-9 (n=80)", "10+ (n=40)"],
-      ["rnnsearch", "0.97", "0.688", "0.125"],
-      ["transformer", "1", "0.938", "0.812"]]
+      ["rnnsearch", "0.970", "0.688", "0.125"],
+      ["transformer", "1.00", "0.938", "0.812"]]
   assert by_len[1] == [["test bleu by source length", "0-9 (n=600)", "10-19 (n=400)"],
                        ["transformer", "35.5", "28.2"]]
 
@@ -292,11 +292,11 @@ def test_lstmn_summary_with_perplexities_and_wall_seconds(tmp_path, capsys):
   rows = {r[0]: r for r in table[1:]}
   assert list(rows) == ["lstm", "lstmn", "transformer"]
   # run, model, params, steps, wall s, train loss, eval loss, eval ppl, bits/token, eval acc
-  assert rows["lstm"] == ["lstm", "lstm_lm", "1.00M", "1000", "61.5", "–", "1.75", "5.75",
-                          "2.52", "0.5"]
+  assert rows["lstm"] == ["lstm", "lstm_lm", "1.00M", "1000", "61.50", "–", "1.75", "5.75",
+                          "2.52", "0.500"]
   assert [rows[f][7] for f in ppl] == ["5.75", "5.12", "4.88"]
   assert [rows[f][8] for f in ppl] == [f"{math.log2(p):.3g}" for p in ppl.values()]
-  assert rows["lstmn"][4] == "240"
+  assert rows["lstmn"][4] == "240.0"
   assert (root / "lstmn.png").read_bytes()[:8] == PNG_MAGIC
 
 

@@ -123,9 +123,8 @@ def _small(c: config_dict.ConfigDict, kind: str, family: str, task: str) -> None
     c.decode.beam_size = 4
     if family in ("luong", "lstmn"):
       # At 1e-3 these LSTM models trailed even the no-attention GRU (train loss
-      # at step 250: Luong 4.84, LSTMN 4.85, RNNencdec 4.44); at 3e-3 they
-      # reach 4.24 and 4.26. Probe: experiments.run with this config,
-      # --config.num_train_steps=300 --config.learning_rate=3e-3 (README, Fig. 2).
+      # at step 250: Luong 4.80, LSTMN 4.81, RNNencdec 4.42); at 3e-3 they
+      # reach 4.29 and 4.24. Command: README, Fig. 2 (--config.learning_rate=1e-3).
       c.learning_rate = 3e-3
   else:
     c.data.num_eval = 256

@@ -1,7 +1,7 @@
 """attention: the classic attention mechanisms as reusable Flax (Linen) modules.
 
-* Vaswani et al. 2017: :func:`dot_product_attention` (xla / chunked / cudnn
-  backends) and :class:`MultiHeadAttention` (drop-in for flax's).
+* Vaswani et al. 2017: :func:`dot_product_attention` (xla / chunked / cudnn /
+  cpu_flash backends) and :class:`MultiHeadAttention` (drop-in for flax's).
 * Bahdanau et al. 2015: :class:`AdditiveAttention`.
 * Luong et al. 2015: :class:`LuongAttention` (dot / general / concat;
   global / local-m / local-p).

@@ -13,8 +13,12 @@ adds grouped-query attention, ``is_causal`` and a choice of backend:
   in both passes, and tiles that the mask or causality rule out are skipped.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU,
   fp16/bf16).
+* ``"cpu_flash"``: FlashAttention as a C++ kernel behind XLA's FFI
+  (:mod:`attention.cpu_flash`; CPU, compiled at first use). No ``[q, k]``
+  array in either pass, fully masked tiles skipped; no bias, no dropout.
 * ``None``: the fastest correct backend for the platform and the inputs
-  (:mod:`attention.dispatch`, :func:`default_implementation`). On CPU a mask array's contents can decide:
+  (:mod:`attention.dispatch`, :func:`default_implementation`): on CPU
+  ``"cpu_flash"`` where it applies. Otherwise a mask array's contents can decide:
   the tiled backend when enough of its tiles are empty, else ``"xla"``, with
   causal row blocks when the mask allows no future key (a causal mask array).
 
@@ -42,6 +46,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from attention import chunked as _chunked
+from attention import cpu_flash as _cpu_flash
 from attention import dropout as _dropout
 from attention.dispatch import (  # noqa: F401  (re-exported)
     BY_MASK, IMPLEMENTATIONS, by_mask, causal_row_blocks, default_implementation,
@@ -281,6 +286,22 @@ def _cudnn(query, key, value, bias, mask, is_causal, scale):
     out = jnp.where(jnp.swapaxes(valid, 1, 2)[..., None], out, 0)
   return out.reshape(batch + out.shape[1:])
 
+def _check_cpu_flash(query: Array, bias: Array | None) -> None:
+  """One-line errors for what ``implementation="cpu_flash"`` cannot run."""
+  if jax.default_backend() != "cpu":
+    raise ValueError(f"implementation='cpu_flash' is a CPU kernel (this backend is"
+                     f" {jax.default_backend()!r}); use None, 'xla' or 'cudnn'.")
+  if bias is not None:
+    raise ValueError("implementation='cpu_flash' takes no bias; use 'xla' or 'chunked'"
+                     " (or None, which picks one).")
+  if query.dtype == jnp.float64:
+    raise ValueError("implementation='cpu_flash' computes in float32; use 'xla' for"
+                     " float64 inputs.")
+  if not _cpu_flash.available():
+    raise ValueError(f"implementation='cpu_flash' is unavailable here"
+                     f" ({_cpu_flash.unavailable_reason()}); use None or 'xla'.")
+
+
 def dot_product_attention(
     query: Array,
     key: Array,
@@ -329,7 +350,8 @@ def dot_product_attention(
       selects the code path at trace time); query i attends keys
       ``j <= i``. Tiled backends skip key blocks wholly in the future, and so
       does ``"xla"`` on CPU (row blocks); prefer it to a causal mask array.
-    implementation: ``"xla"``, ``"chunked"``, ``"cudnn"`` or None (auto).
+    implementation: ``"xla"``, ``"chunked"``, ``"cudnn"``, ``"cpu_flash"`` or
+      None (auto).
     scale: logit scale, default ``1/sqrt(head_dim)``.
     block_q: query tile size (>= 1) for ``"chunked"``.
     block_kv: key tile size (>= 1) for ``"chunked"``.
@@ -362,12 +384,14 @@ def dot_product_attention(
         " or None."
     )
   impl = implementation or default_implementation(
-      query, key, dropout=dropout, is_causal=is_causal, mask=mask)
+      query, key, dropout=dropout, is_causal=is_causal, mask=mask, bias=bias)
   if impl == "cudnn" and jax.default_backend() != "gpu":
     raise ValueError(
         f"implementation='cudnn' needs a GPU (this backend is {jax.default_backend()!r});"
         " use 'xla', 'chunked' or None."
     )
+  if impl == "cpu_flash":
+    _check_cpu_flash(query, bias)
   if dropout and impl != "xla":
     raise ValueError(
         f"attention dropout is only supported by implementation='xla', not {impl!r};"
@@ -385,6 +409,8 @@ def dot_product_attention(
                dropout_rng, dropout_rate, broadcast_dropout, deterministic)
   elif impl == "cudnn":
     out = _cudnn(query, key, value, bias, mask, is_causal, scale)
+  elif impl == "cpu_flash":
+    out = _cpu_flash.attention(query, key, value, mask, is_causal=is_causal, scale=scale)
   else:
     out = _chunked.attention(query, key, value, bias, mask, is_causal=is_causal,
                              scale=scale, block_q=block_q, block_kv=block_kv,

@@ -1,7 +1,9 @@
 """Which backend ``dot_product_attention(implementation=None)`` runs.
 
 The rule is per platform and per input (:func:`default_implementation`). On
-CPU a mask array's contents can decide at run time (:func:`by_mask`): a mask
+CPU that is the C++ kernel of :mod:`attention.cpu_flash` wherever it applies
+(compiled, no bias, no attention dropout). Without it, a mask array's
+contents can decide at run time (:func:`by_mask`): a mask
 that allows no key after its query runs ``"xla"`` with the causal row blocks
 of ``is_causal`` (:func:`causal_row_blocks`), and from 512 tokens the tiled
 backend runs when the tiles it would compute cost less than ``"xla"``'s
@@ -12,18 +14,19 @@ figures and commands.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from attention import chunked as _chunked
+from attention import cpu_flash as _cpu_flash
 from attention import huge_pages as _huge_pages
 from attention.masks import causal_mask
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("xla", "chunked", "cudnn")
+IMPLEMENTATIONS = ("xla", "chunked", "cudnn", "cpu_flash")
 
 # Key and query lengths at or above which ``implementation=None`` prefers the
 # tiled backend on CPU; below it the per-tile bookkeeping costs more than the
@@ -82,14 +85,27 @@ def causal_row_blocks(q_len: int, kv_len: int) -> list[tuple[int, int, int]]:
           for a in range(0, q_len, block)]
 
 
+def cpu_flash_applies(query: Array, *, dropout: bool = False, bias: Any = None) -> bool:
+  """Can :mod:`attention.cpu_flash` run these inputs here (CPU, kernel compiled)?
+
+  It has no bias and no dropout, and computes in float32 (so not float64).
+  """
+  return (jax.default_backend() == "cpu" and not dropout and bias is None
+          and query.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
+          and _cpu_flash.available())
+
+
 def default_implementation(
     query: Array, key: Array, *, dropout: bool = False, is_causal: bool = False,
-    mask: Array | None = None,
+    mask: Array | None = None, bias: Array | None = None,
 ) -> str:
   """The backend ``implementation=None`` resolves to for these inputs.
 
   Returns one of :data:`IMPLEMENTATIONS`, or :data:`BY_MASK` when a mask array
-  decides at run time on CPU (logits up to 512 MiB). On CPU without a mask
+  decides at run time on CPU (logits up to 512 MiB). On CPU:
+  ``"cpu_flash"`` wherever :func:`cpu_flash_applies` (1.9-3.1x flax's
+  fwd+bwd at T=256-1024 with every mask kind, benchmarks/RESULTS.md). Else,
+  the rules below, measured before that kernel existed. On CPU without a mask
   array, from 512 tokens: the tiled backend when a tile costs less than
   ``"xla"``'s product (:data:`_CHUNKED_TILE_COST`, 4 KiB pages) and there is no
   ``is_causal``, else ``"xla"``. With a mask array:
@@ -117,6 +133,8 @@ def default_implementation(
   # accelerators its sequential loops lose to one fused XLA kernel.
   if platform != "cpu":
     return "xla"
+  if cpu_flash_applies(query, dropout=dropout, bias=bias):
+    return "cpu_flash"
   if min(query.shape[-3], key.shape[-3]) < _CHUNKED_MIN_LEN:
     return BY_MASK if _may_split_mask(query, key, mask, is_causal) else "xla"
   # "xla" only while its [batch, heads, q, k] float32 arrays stay moderate.

@@ -105,7 +105,7 @@ class MultiHeadAttention(nn.Module):
       qk_attn_weights_einsum_cls, attn_weights_value_einsum_cls: as in flax.
     num_kv_heads: key/value heads (default ``num_heads``); must divide it.
     implementation: backend of the default core (``"xla"``, ``"chunked"``,
-      ``"cudnn"``, or None for automatic).
+      ``"cudnn"``, ``"cpu_flash"``, or None for automatic).
     rotary: apply rotary position embeddings to queries and keys.
     rotary_max_timescale: RoPE frequency base.
   """

@@ -70,6 +70,9 @@ def _peers(blocks=()):
            "ours(xla)": ours("xla"), "ours(chunked)": ours("chunked")}
   if jax.default_backend() == "gpu":
     impls["ours(cudnn)"] = ours("cudnn")
+  from attention import cpu_flash
+  if jax.default_backend() == "cpu" and cpu_flash.available():
+    impls["ours(cpu_flash)"] = ours("cpu_flash")
   for tile in blocks:
     bq, bk = (int(n) for n in tile.split("x"))
     impls[f"ours(chunked {tile})"] = ours("chunked", block_q=bq, block_kv=bk)
@@ -272,7 +275,8 @@ def main(argv=None):
   p.add_argument("--memory", action="store_true", help="also run the peak-RSS sweep")
   p.add_argument("--memory_only", action="store_true")
   p.add_argument("--budget_gb", type=float, default=4.0)
-  p.add_argument("--memory_impls", nargs="+", default=["ours(chunked)", "flax", "jax.nn"])
+  p.add_argument("--memory_impls", nargs="+",
+                 default=["ours(auto)", "ours(chunked)", "flax", "jax.nn"])
   p.add_argument("--memory_lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
   p.add_argument("--memory_heads", type=int, default=1)
   p.add_argument("--memory_timeout", type=float, default=900)

@@ -22,6 +22,9 @@ def test_attention_core_rows_errors_and_ratios(tmp_path, capsys):
                        "--repeats", "1", "--masks", "is_causal", "padding", "--out", str(out)])
   rows = json.loads(out.read_text())["speed"]
   impls = {"flax", "jax.nn", "ours(auto)", "ours(xla)", "ours(chunked)"}
+  from attention import cpu_flash
+  if cpu_flash.available():
+    impls.add("ours(cpu_flash)")
   for kind in ("is_causal", "padding"):
     got = {r["impl"]: r for r in rows if r["mask"] == kind}
     assert set(got) == impls

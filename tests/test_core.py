@@ -221,7 +221,7 @@ def test_errors_are_clear():
 
 
 @pytest.mark.parametrize("huge", [True, False])
-def test_auto_picks_by_platform_and_size(monkeypatch, huge):
+def test_auto_picks_by_platform_and_size(monkeypatch, without_cpu_flash, huge):
   monkeypatch.setattr(dispatch._huge_pages, "active", lambda: huge)
   small, big = jnp.zeros((1, 64, 2, 8)), jnp.zeros((1, 4096, 2, 8))
   assert default_implementation(small, small) == "xla"
@@ -272,7 +272,7 @@ def test_occupied_tile_fraction_matches_numpy(causal):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU dispatch rule")
-def test_auto_with_mask_array_picks_backend_from_empty_tiles(monkeypatch):
+def test_auto_with_mask_array_picks_backend_from_empty_tiles(monkeypatch, without_cpu_flash):
   """At >= 512 tokens a mask array picks "chunked" or "xla" at run time; both
   paths give the float64 reference, values and gradients."""
   # Huge pages' tile cost (1.2): with 4 KiB pages (0.9) a tile costs less than
@@ -431,7 +431,7 @@ def test_mask_within_causal_matches_numpy():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU dispatch rule")
 @pytest.mark.parametrize("t", [256, 512])
-def test_auto_with_causal_mask_array_matches_reference(t):
+def test_auto_with_causal_mask_array_matches_reference(without_cpu_flash, t):
   """A mask array with a query axis is checked at run time: within the causal
   pattern it runs the causal row blocks, otherwise the full product (and from
   512 tokens possibly the tiled backend). Values and gradients match float64

@@ -187,7 +187,7 @@ def test_pt_matmul_sum_adds_key_prefix_products(monkeypatch, backend):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_by_mask_branches_share_q_k_v_out_residuals():
+def test_by_mask_branches_share_q_k_v_out_residuals(without_cpu_flash):
   """implementation=None with a mask array switches between "xla", "xla" with
   causal row blocks and the tiled backend. Under jax.grad each branch writes
   zeros for the residuals only the others save; q, k, v and out (trailing

@@ -63,7 +63,7 @@ class TransformerConfig:
     bias_init: initialiser of biases.
     pre_ln: pre-LayerNorm blocks (default: post-LN, as in the paper).
     implementation: attention backend for :func:`attention.dot_product_attention`
-      (``"xla"``, ``"chunked"``, ``"cudnn"`` or None = automatic).
+      (``"xla"``, ``"chunked"``, ``"cudnn"``, ``"cpu_flash"`` or None = automatic).
   """
 
   vocab_size: int

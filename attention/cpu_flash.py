@@ -146,23 +146,23 @@ def _load() -> None:
 
 # ---------------------------------------------------------------------------
 # The two FFI calls. Shapes (B = one or more batch dims, shared by all):
-#   fwd: q [B,Tq,H,D], kt [B,Hkv,D,Tk], v [B,Tk,Hkv,Dv], mask -> o [B,Tq,H,Dv], lse [B,H,Tq]
-#   bwd: q, k [B,Tk,Hkv,D], kt, vt [B,Hkv,Dv,Tk], do, lse, delta [B,H,Tq], mask -> dq, dk, dv
+#   fwd: q [B,Tq,H,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv], mask -> o [B,Tq,H,Dv], lse [B,H,Tq]
+#   bwd: q, k, v, do, lse, delta [B,H,Tq], mask -> dq, dk, dv
 # The mask has q's rank, each dim 1 or full; without one a [1, ..., 1] dummy.
 
 def _f32(shape) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _fwd_impl(q, kt, v, mask, causal, has_mask):
+def _fwd_impl(q, k, v, mask, causal, has_mask):
   lse_shape = q.shape[:-3] + (q.shape[-2], q.shape[-3])
   return jax.ffi.ffi_call(_FWD, (_f32(q.shape[:-1] + v.shape[-1:]), _f32(lse_shape)))(
-      q, kt, v, mask, causal=causal, has_mask=has_mask)
+      q, k, v, mask, causal=causal, has_mask=has_mask)
 
 
-def _bwd_impl(q, k, kt, vt, dout, lse, delta, mask, causal, has_mask):
-  return jax.ffi.ffi_call(_BWD, (_f32(q.shape), _f32(k.shape), _f32(k.shape[:-1] + vt.shape[-2:-1])))(
-      q, k, kt, vt, dout, lse, delta, mask, causal=causal, has_mask=has_mask)
+def _bwd_impl(q, k, v, dout, lse, delta, mask, causal, has_mask):
+  return jax.ffi.ffi_call(_BWD, (_f32(q.shape), _f32(k.shape), _f32(v.shape)))(
+      q, k, v, dout, lse, delta, mask, causal=causal, has_mask=has_mask)
 
 
 # Data parallelism: every operand and result is split along the batch dims
@@ -226,7 +226,7 @@ def _partitioned(impl, static_argnums):
 
 
 _fwd_partitioned = _partitioned(_fwd_impl, static_argnums=(4, 5))
-_bwd_partitioned = _partitioned(_bwd_impl, static_argnums=(8, 9))
+_bwd_partitioned = _partitioned(_bwd_impl, static_argnums=(7, 8))
 
 
 @functools.lru_cache(maxsize=None)
@@ -250,11 +250,6 @@ def _batched_op(partitioned, mask_index, causal, has_mask):
   return op
 
 
-def _kt(x: Array) -> Array:
-  """``[..., T, H, D]`` -> ``[..., H, D, T]``."""
-  return jnp.moveaxis(x, -3, -1)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attend(q, k, v, mask, causal):
   return _forward(q, k, v, mask, causal)[0]
@@ -266,7 +261,7 @@ def _mask_arg(mask, ndim):
 
 def _forward(q, k, v, mask, causal):
   op = _batched_op(_fwd_partitioned, 3, causal, mask is not None)
-  out, lse = op(q, _kt(k), v, _mask_arg(mask, q.ndim))
+  out, lse = op(q, k, v, _mask_arg(mask, q.ndim))
   return out, (q, k, v, mask, out, lse)
 
 
@@ -274,8 +269,8 @@ def _backward(causal, residuals, dout):
   q, k, v, mask, out, lse = residuals
   # δ = rowsum(dO ∘ O) = rowsum(dP ∘ P), at [q, d] cost rather than [q, k].
   delta = jnp.einsum("...qhd,...qhd->...hq", dout, out)
-  op = _batched_op(_bwd_partitioned, 7, causal, mask is not None)
-  dq, dk, dv = op(q, k, _kt(k), _kt(v), dout, lse, delta, _mask_arg(mask, q.ndim))
+  op = _batched_op(_bwd_partitioned, 6, causal, mask is not None)
+  dq, dk, dv = op(q, k, v, dout, lse, delta, _mask_arg(mask, q.ndim))
   return dq, dk, dv, None
 
 

@@ -11,9 +11,8 @@
 //
 // Layouts (float32, row-major; B stands for any number of leading batch dims,
 // the same in every operand), the scale already folded into q:
-//   q [B, Tq, H, D]   kt [B, Hkv, D, Tk] (k transposed)   k [B, Tk, Hkv, D]
-//   v [B, Tk, Hkv, Dv]   vt [B, Hkv, Dv, Tk]   o, do [B, Tq, H, Dv]
-//   lse, delta [B, H, Tq]
+//   q [B, Tq, H, D]   k [B, Tk, Hkv, D]   v [B, Tk, Hkv, Dv]   o, do [B, Tq, H, Dv]
+//   lse, delta [B, H, Tq] (delta = rowsum(do * o))
 //   mask: bool [B, H, Tq, Tk], any dim 1 to broadcast (True = attend).
 // Head h reads kv head h / (H / Hkv) (grouped-query attention).
 // A query row with no key to attend gets o = 0 and lse = +inf, so its P and
@@ -47,7 +46,6 @@ constexpr int kW = 8;   // AVX2; elsewhere GCC splits it into native vectors
 typedef float vf __attribute__((vector_size(kW * 4)));
 typedef float vf_u __attribute__((vector_size(kW * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(kW * 4)));
-typedef uint8_t vb __attribute__((vector_size(kW)));
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 inline void store(float* p, vf x) { *reinterpret_cast<vf_u*>(p) = x; }
@@ -112,6 +110,19 @@ void pack_b(int K, int N, const float* b, int64_t ldb, float* out) {
       } else {
         for (int c = 0; c < kNR; ++c) dst[c] = c < n ? src[c] : 0.0f;
       }
+    }
+  }
+}
+
+// pack_b of B = X^T, X [N x K] with row n at x + n * ldx: the panels of k^T
+// and v^T come straight from k and v.
+void pack_bt(int K, int N, const float* x, int64_t ldx, float* out) {
+  for (int c0 = 0; c0 < N; c0 += kNR) {
+    const int n = std::min(kNR, N - c0);
+    float* panel = out + static_cast<int64_t>(c0 / kNR) * K * kNR;
+    for (int c = 0; c < kNR; ++c) {
+      const float* row = x + (c0 + c) * ldx;
+      for (int p = 0; p < K; ++p) panel[p * kNR + c] = c < n ? row[p] : 0.0f;
     }
   }
 }
@@ -187,6 +198,13 @@ float row_max(const float* s, int n) {  // n a multiple of kW
   return out;
 }
 
+// s[c] = -inf where m[c] is 0. A plain loop over bytes, which GCC vectorises
+// (vpcmpeqb, vblendvps); __builtin_convertvector of a byte vector compiled to
+// scalar inserts, and this mask pass cost as much as a matmul of the tile.
+void mask_row(float* __restrict s, const uint8_t* __restrict m, int n) {
+  for (int c = 0; c < n; ++c) s[c] = m[c] ? s[c] : -kInf;
+}
+
 struct Mask {
   const bool* data = nullptr;  // null: no mask array
   std::vector<int64_t> batch_offset;  // of each flattened batch index
@@ -220,14 +238,7 @@ struct Mask {
         if (sk == 0) {
           if (!m[0]) std::fill(sr, sr + nk, -kInf);
         } else {
-          int c = 0;
-          for (; c + kW <= nk; c += kW) {
-            vb bytes;
-            std::memcpy(&bytes, m + c, sizeof(bytes));
-            vi keep = __builtin_convertvector(bytes, vi) != 0;
-            store(sr + c, keep ? load(sr + c) : splat(-kInf));
-          }
-          for (; c < nk; ++c) sr[c] = m[c] ? sr[c] : -kInf;
+          mask_row(sr, reinterpret_cast<const uint8_t*>(m), nk);
         }
       }
       if (causal) {
@@ -321,51 +332,98 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
 constexpr int kBq = 72;
 constexpr int kBk = 144;
 
+struct Shapes {
+  int64_t B, Tq, Tk, H, Hkv, D, Dv;
+  int64_t groups() const { return H / Hkv; }
+  int64_t key_tiles() const { return (Tk + kBk - 1) / kBk; }
+};
+
+// Checks q [B, Tq, H, D], k [B, Tk, Hkv, D], v [B, Tk, Hkv, Dv].
+ffi::Error shapes_of(Dims qd, Dims kd, Dims vd, Shapes* s) {
+  const size_t r = qd.size();
+  if (r < 4 || !same_batch(qd, kd) || !same_batch(qd, vd))
+    return ffi::Error::InvalidArgument("cpu_flash: q, k, v need the same batch dims");
+  *s = {batch_size(qd, 3), qd[r - 3], kd[r - 3], qd[r - 2], kd[r - 2], qd[r - 1], vd[r - 1]};
+  if (kd[r - 1] != s->D || vd[r - 3] != s->Tk || vd[r - 2] != s->Hkv || s->Hkv < 1 ||
+      s->H % s->Hkv)
+    return ffi::Error::InvalidArgument("cpu_flash: inconsistent shapes");
+  return ffi::Error::Success();
+}
+
+// The packed key tiles of one (batch, kv head): tile t of each operand at
+// t * stride. B operands of the products: k^T [D x keys] for q k^T, v [keys x Dv]
+// for P v, v^T [Dv x keys] for dO v^T, k [keys x D] for dS k.
+struct KeyPanels {
+  int64_t stride = 0;
+  std::vector<float> data;
+  const float* tile(int64_t t) const { return data.data() + t * stride; }
+};
+
+enum class Form { kT, kRows };  // k^T-like (transposed) or row panels
+
+KeyPanels pack_keys(const float* x, int64_t ldx, int64_t Tk, int dim, Form form) {
+  KeyPanels out;
+  out.stride = static_cast<int64_t>(form == Form::kT ? packed_size(dim, kBk) : packed_size(kBk, dim));
+  const int64_t tiles = (Tk + kBk - 1) / kBk;
+  out.data.resize(static_cast<size_t>(tiles * out.stride));
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int nk = static_cast<int>(std::min<int64_t>(kBk, Tk - t * kBk));
+    const float* rows = x + t * kBk * ldx;
+    float* dst = out.data.data() + t * out.stride;
+    if (form == Form::kT) pack_bt(dim, nk, rows, ldx, dst);
+    else pack_b(nk, dim, rows, ldx, dst);
+  }
+  return out;
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                   ffi::Buffer<ffi::F32> kt, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> lse, bool causal, bool has_mask) {
-  Dims qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions();
-  const size_t r = qd.size();
-  if (r < 3 || !same_batch(qd, kd) || !same_batch(qd, vd))
-    return ffi::Error::InvalidArgument("cpu_flash: q, kt, v need the same batch dims");
-  const int64_t B = batch_size(qd, 3), Tq = qd[r - 3], H = qd[r - 2], D = qd[r - 1];
-  const int64_t Hkv = kd[r - 3], Tk = kd[r - 1], Dv = vd[r - 1];
-  if (kd[r - 2] != D || vd[r - 3] != Tk || vd[r - 2] != Hkv || Hkv < 1 || H % Hkv)
-    return ffi::Error::InvalidArgument("cpu_flash: inconsistent shapes");
-  const int64_t groups = H / Hkv;
+  Shapes sh;
+  if (ffi::Error e = shapes_of(q.dimensions(), k.dimensions(), v.dimensions(), &sh); e.failure())
+    return e;
+  // Named copies, not structured bindings: lambdas may not capture those in C++17.
+  const int64_t B = sh.B, Tq = sh.Tq, Tk = sh.Tk, H = sh.H, Hkv = sh.Hkv, D = sh.D, Dv = sh.Dv;
   Mask m;
-  if (ffi::Error e = make_mask(mask, has_mask, causal, qd, H, Tq, Tk, &m); e.failure()) return e;
+  if (ffi::Error e = make_mask(mask, has_mask, causal, q.dimensions(), H, Tq, Tk, &m);
+      e.failure())
+    return e;
   const float* Q = q.typed_data();
-  const float* KT = kt.typed_data();
+  const float* K = k.typed_data();
   const float* V = v.typed_data();
   float* O = o->typed_data();
   float* L = lse->typed_data();
-  const int64_t q_blocks = (Tq + kBq - 1) / kBq;
+  const int d = static_cast<int>(D), dv = static_cast<int>(Dv);
 
+  // Every query block of a kv head reads the same key tiles: pack them once.
+  std::vector<KeyPanels> kt(B * Hkv), vp(B * Hkv);
+  parallel_for(pool, B * Hkv, [&](int64_t item) {
+    const int64_t kvh = item % Hkv, b = item / Hkv;
+    kt[item] = pack_keys(K + (b * Tk * Hkv + kvh) * D, Hkv * D, Tk, d, Form::kT);
+    vp[item] = pack_keys(V + (b * Tk * Hkv + kvh) * Dv, Hkv * Dv, Tk, dv, Form::kRows);
+  });
+
+  const int64_t q_blocks = (Tq + kBq - 1) / kBq;
   parallel_for(pool, B * H * q_blocks, [&](int64_t item) {
     const int64_t qb = item % q_blocks, h = (item / q_blocks) % H, b = item / (q_blocks * H);
-    const int64_t kvh = h / groups;
+    const int64_t kv_item = b * Hkv + h / sh.groups();
     const int64_t i0 = qb * kBq;
     const int nq = static_cast<int>(std::min<int64_t>(kBq, Tq - i0));
     std::vector<float> tile(static_cast<size_t>(kBq) * kBk);
     float* s = tile.data();
     std::vector<float> acc(static_cast<size_t>(kBq) * Dv, 0.0f);
-    std::vector<float> kpack(packed_size(static_cast<int>(D), kBk));
-    std::vector<float> vpack(packed_size(kBk, static_cast<int>(Dv)));
     float mx[kBq], l[kBq];
     std::fill(mx, mx + kBq, -kInf);
     std::fill(l, l + kBq, 0.0f);
     const float* qi = Q + ((b * Tq + i0) * H + h) * D;
-    const float* kth = KT + (b * Hkv + kvh) * D * Tk;
-    const float* vh = V + (b * Tk * Hkv + kvh) * Dv;
-    for (int64_t j0 = 0; j0 < Tk; j0 += kBk) {
+    for (int64_t t = 0; t < sh.key_tiles(); ++t) {
+      const int64_t j0 = t * kBk;
       const int nk = static_cast<int>(std::min<int64_t>(kBk, Tk - j0));
       if (causal && j0 > i0 + nq - 1) break;
       if (!m.any(b, h, i0, i0 + nq, j0, j0 + nk)) continue;
       const int nkp = (nk + kW - 1) / kW * kW;
-      pack_b(static_cast<int>(D), nk, kth + j0, Tk, kpack.data());
-      gemm(nq, nk, static_cast<int>(D), qi, H * D, 1, kpack.data(), s, kBk, false);
+      gemm(nq, nk, d, qi, H * D, 1, kt[kv_item].tile(t), s, kBk, false);
       m.apply(s, kBk, b, h, i0, nq, j0, nk);
       for (int r = 0; r < nq; ++r) {
         float* sr = s + r * kBk;
@@ -384,23 +442,22 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
           sum += e;
         }
         float total = 0.0f;
-        for (int t = 0; t < kW; ++t) total += sum[t];
+        for (int u = 0; u < kW; ++u) total += sum[u];
         l[r] = l[r] * alpha + total;
         mx[r] = m_new;
         if (alpha != 1.0f) {
           float* ar = acc.data() + r * Dv;
-          for (int64_t d = 0; d < Dv; ++d) ar[d] *= alpha;
+          for (int64_t c = 0; c < Dv; ++c) ar[c] *= alpha;
         }
       }
-      pack_b(nk, static_cast<int>(Dv), vh + j0 * Hkv * Dv, Hkv * Dv, vpack.data());
-      gemm(nq, static_cast<int>(Dv), nk, s, kBk, 1, vpack.data(), acc.data(), Dv, true);
+      gemm(nq, dv, nk, s, kBk, 1, vp[kv_item].tile(t), acc.data(), Dv, true);
     }
     for (int r = 0; r < nq; ++r) {
       float* orow = O + ((b * Tq + i0 + r) * H + h) * Dv;
       const float* ar = acc.data() + r * Dv;
       if (l[r] > 0.0f) {
         const float inv = 1.0f / l[r];
-        for (int64_t d = 0; d < Dv; ++d) orow[d] = ar[d] * inv;
+        for (int64_t c = 0; c < Dv; ++c) orow[c] = ar[c] * inv;
         L[(b * H + h) * Tq + i0 + r] = mx[r] + std::log(l[r]);
       } else {
         std::fill(orow, orow + Dv, 0.0f);
@@ -412,73 +469,68 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> kt,
-                    ffi::Buffer<ffi::F32> vt, ffi::Buffer<ffi::F32> dout,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> delta,
-                    ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                    bool causal, bool has_mask) {
-  Dims qd = q.dimensions(), kd = k.dimensions(), vd = vt.dimensions();
-  const size_t r = qd.size();
-  if (r < 3 || !same_batch(qd, kd) || !same_batch(qd, vd))
-    return ffi::Error::InvalidArgument("cpu_flash: q, k, vt need the same batch dims");
-  const int64_t B = batch_size(qd, 3), Tq = qd[r - 3], H = qd[r - 2], D = qd[r - 1];
-  const int64_t Tk = kd[r - 3], Hkv = kd[r - 2], Dv = vd[r - 2];
-  if (kd[r - 1] != D || vd[r - 3] != Hkv || vd[r - 1] != Tk || Hkv < 1 || H % Hkv)
-    return ffi::Error::InvalidArgument("cpu_flash: inconsistent shapes");
-  const int64_t groups = H / Hkv;
+                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::PRED> mask,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv, bool causal, bool has_mask) {
+  Shapes sh;
+  if (ffi::Error e = shapes_of(q.dimensions(), k.dimensions(), v.dimensions(), &sh); e.failure())
+    return e;
+  // Named copies, not structured bindings: lambdas may not capture those in C++17.
+  const int64_t B = sh.B, Tq = sh.Tq, Tk = sh.Tk, H = sh.H, Hkv = sh.Hkv, D = sh.D, Dv = sh.Dv;
   Mask m;
-  if (ffi::Error e = make_mask(mask, has_mask, causal, qd, H, Tq, Tk, &m); e.failure()) return e;
+  if (ffi::Error e = make_mask(mask, has_mask, causal, q.dimensions(), H, Tq, Tk, &m);
+      e.failure())
+    return e;
   const float* Q = q.typed_data();
   const float* K = k.typed_data();
-  const float* KT = kt.typed_data();
-  const float* VT = vt.typed_data();
+  const float* V = v.typed_data();
   const float* DO = dout.typed_data();
   const float* L = lse.typed_data();
   const float* DL = delta.typed_data();
   float* DQ = dq->typed_data();
   float* DK = dk->typed_data();
   float* DV = dv->typed_data();
+  const int d = static_cast<int>(D), dvi = static_cast<int>(Dv);
 
   // One item per (batch, kv head): it owns the dk/dv of that kv head and the
-  // dq of its query heads, so no two items write the same element.
+  // dq of its query heads, so no two items write the same element. Query
+  // blocks outside, key tiles inside: each query block's q and dO are packed
+  // once and its dq stays in cache; the key tiles are packed once per item.
   parallel_for(pool, B * Hkv, [&](int64_t item) {
     const int64_t kvh = item % Hkv, b = item / Hkv;
-    for (int64_t g = 0; g < groups; ++g)
-      for (int64_t i = 0; i < Tq; ++i)
-        std::fill_n(DQ + ((b * Tq + i) * H + kvh * groups + g) * D, D, 0.0f);
+    const float* kb = K + (b * Tk * Hkv + kvh) * D;
+    const float* vb = V + (b * Tk * Hkv + kvh) * Dv;
+    const KeyPanels kt = pack_keys(kb, Hkv * D, Tk, d, Form::kT);
+    const KeyPanels vt = pack_keys(vb, Hkv * Dv, Tk, dvi, Form::kT);
+    const KeyPanels kr = pack_keys(kb, Hkv * D, Tk, d, Form::kRows);
+    std::vector<float> dk_acc(static_cast<size_t>(Tk) * D, 0.0f);
+    std::vector<float> dv_acc(static_cast<size_t>(Tk) * Dv, 0.0f);
     std::vector<float> tiles(2 * static_cast<size_t>(kBq) * kBk);
     float* p = tiles.data();
     float* ds = p + kBq * kBk;
-    std::vector<float> dkb(static_cast<size_t>(kBk) * D), dvb(static_cast<size_t>(kBk) * Dv);
-    const int d = static_cast<int>(D), dv_ = static_cast<int>(Dv);
-    std::vector<float> ktp(packed_size(d, kBk)), vtp(packed_size(dv_, kBk)), kp(packed_size(kBk, d));
-    std::vector<float> qp(packed_size(kBq, d)), dop(packed_size(kBq, dv_));
-    const float* kth = KT + (b * Hkv + kvh) * D * Tk;
-    const float* vth = VT + (b * Hkv + kvh) * Dv * Tk;
-    for (int64_t j0 = 0; j0 < Tk; j0 += kBk) {
-      const int nk = static_cast<int>(std::min<int64_t>(kBk, Tk - j0));
-      std::fill(dkb.begin(), dkb.end(), 0.0f);
-      std::fill(dvb.begin(), dvb.end(), 0.0f);
-      const float* kj = K + ((b * Tk + j0) * Hkv + kvh) * D;
-      pack_b(d, nk, kth + j0, Tk, ktp.data());
-      pack_b(dv_, nk, vth + j0, Tk, vtp.data());
-      pack_b(nk, d, kj, Hkv * D, kp.data());
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t h = kvh * groups + g;
-        const int64_t first_qb = causal ? j0 / kBq : 0;
-        for (int64_t i0 = first_qb * kBq; i0 < Tq; i0 += kBq) {
-          const int nq = static_cast<int>(std::min<int64_t>(kBq, Tq - i0));
+    std::vector<float> qp(packed_size(kBq, d)), dop(packed_size(kBq, dvi));
+    std::vector<float> dq_acc(static_cast<size_t>(kBq) * D);
+    for (int64_t g = 0; g < sh.groups(); ++g) {
+      const int64_t h = kvh * sh.groups() + g;
+      for (int64_t i0 = 0; i0 < Tq; i0 += kBq) {
+        const int nq = static_cast<int>(std::min<int64_t>(kBq, Tq - i0));
+        const float* qi = Q + ((b * Tq + i0) * H + h) * D;
+        const float* doi = DO + ((b * Tq + i0) * H + h) * Dv;
+        const float* li = L + (b * H + h) * Tq + i0;
+        const float* di = DL + (b * H + h) * Tq + i0;
+        pack_b(nq, d, qi, H * D, qp.data());
+        pack_b(nq, dvi, doi, H * Dv, dop.data());
+        std::fill(dq_acc.begin(), dq_acc.end(), 0.0f);
+        for (int64_t t = 0; t < sh.key_tiles(); ++t) {
+          const int64_t j0 = t * kBk;
+          const int nk = static_cast<int>(std::min<int64_t>(kBk, Tk - j0));
+          if (causal && j0 > i0 + nq - 1) break;
           if (!m.any(b, h, i0, i0 + nq, j0, j0 + nk)) continue;
-          const float* qi = Q + ((b * Tq + i0) * H + h) * D;
-          const float* doi = DO + ((b * Tq + i0) * H + h) * Dv;
-          const float* li = L + (b * H + h) * Tq + i0;
-          const float* di = DL + (b * H + h) * Tq + i0;
-          pack_b(nq, d, qi, H * D, qp.data());
-          pack_b(nq, dv_, doi, H * Dv, dop.data());
-          gemm(nq, nk, d, qi, H * D, 1, ktp.data(), p, kBk, false);
-          m.apply(p, kBk, b, h, i0, nq, j0, nk);
           const int nkp = (nk + kW - 1) / kW * kW;
+          gemm(nq, nk, d, qi, H * D, 1, kt.tile(t), p, kBk, false);
+          m.apply(p, kBk, b, h, i0, nq, j0, nk);
           for (int r = 0; r < nq; ++r) {
             float* pr = p + r * kBk;
             for (int c = nk; c < nkp; ++c) pr[c] = -kInf;
@@ -486,24 +538,26 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
             for (int c = 0; c < nkp; c += kW) store(pr + c, vexp(load(pr + c) - lr));
           }
           // dV += P^T dO
-          gemm(nk, dv_, nq, p, 1, kBk, dop.data(), dvb.data(), Dv, true);
-          // dP = dO V^T, then dS = P * (dP - delta)
-          gemm(nq, nk, dv_, doi, H * Dv, 1, vtp.data(), ds, kBk, false);
+          gemm(nk, dvi, nq, p, 1, kBk, dop.data(), dv_acc.data() + j0 * Dv, Dv, true);
+          // dP = dO v^T, then dS = P * (dP - delta)
+          gemm(nq, nk, dvi, doi, H * Dv, 1, vt.tile(t), ds, kBk, false);
           for (int r = 0; r < nq; ++r) {
             float* dr = ds + r * kBk;
             const float* pr = p + r * kBk;
             const vf dlt = splat(di[r]);
             for (int c = 0; c < nkp; c += kW) store(dr + c, load(pr + c) * (load(dr + c) - dlt));
           }
-          // dQ += dS K, dK += dS^T Q
-          gemm(nq, d, nk, ds, kBk, 1, kp.data(), DQ + ((b * Tq + i0) * H + h) * D, H * D, true);
-          gemm(nk, d, nq, ds, 1, kBk, qp.data(), dkb.data(), D, true);
+          // dQ += dS k, dK += dS^T q
+          gemm(nq, d, nk, ds, kBk, 1, kr.tile(t), dq_acc.data(), D, true);
+          gemm(nk, d, nq, ds, 1, kBk, qp.data(), dk_acc.data() + j0 * D, D, true);
         }
+        for (int r = 0; r < nq; ++r)
+          std::copy_n(dq_acc.data() + r * D, D, DQ + ((b * Tq + i0 + r) * H + h) * D);
       }
-      for (int c = 0; c < nk; ++c) {
-        std::copy_n(dkb.data() + c * D, D, DK + ((b * Tk + j0 + c) * Hkv + kvh) * D);
-        std::copy_n(dvb.data() + c * Dv, Dv, DV + ((b * Tk + j0 + c) * Hkv + kvh) * Dv);
-      }
+    }
+    for (int64_t j = 0; j < Tk; ++j) {
+      std::copy_n(dk_acc.data() + j * D, D, DK + ((b * Tk + j) * Hkv + kvh) * D);
+      std::copy_n(dv_acc.data() + j * Dv, Dv, DV + ((b * Tk + j) * Hkv + kvh) * Dv);
     }
   });
   return ffi::Error::Success();
@@ -516,7 +570,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
         .Arg<ffi::Buffer<ffi::F32>>()   // q
-        .Arg<ffi::Buffer<ffi::F32>>()   // kt
+        .Arg<ffi::Buffer<ffi::F32>>()   // k
         .Arg<ffi::Buffer<ffi::F32>>()   // v
         .Arg<ffi::Buffer<ffi::PRED>>()  // mask
         .Ret<ffi::Buffer<ffi::F32>>()   // o
@@ -530,8 +584,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<ffi::ThreadPool>()
         .Arg<ffi::Buffer<ffi::F32>>()   // q
         .Arg<ffi::Buffer<ffi::F32>>()   // k
-        .Arg<ffi::Buffer<ffi::F32>>()   // kt
-        .Arg<ffi::Buffer<ffi::F32>>()   // vt
+        .Arg<ffi::Buffer<ffi::F32>>()   // v
         .Arg<ffi::Buffer<ffi::F32>>()   // do
         .Arg<ffi::Buffer<ffi::F32>>()   // lse
         .Arg<ffi::Buffer<ffi::F32>>()   // delta

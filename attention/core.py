@@ -286,6 +286,7 @@ def _cudnn(query, key, value, bias, mask, is_causal, scale):
     out = jnp.where(jnp.swapaxes(valid, 1, 2)[..., None], out, 0)
   return out.reshape(batch + out.shape[1:])
 
+
 def _check_cpu_flash(query: Array, bias: Array | None) -> None:
   """One-line errors for what ``implementation="cpu_flash"`` cannot run."""
   if jax.default_backend() != "cpu":

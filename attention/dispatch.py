@@ -103,8 +103,8 @@ def default_implementation(
 
   Returns one of :data:`IMPLEMENTATIONS`, or :data:`BY_MASK` when a mask array
   decides at run time on CPU (logits up to 512 MiB). On CPU:
-  ``"cpu_flash"`` wherever :func:`cpu_flash_applies` (1.9-3.1x flax's
-  fwd+bwd at T=256-1024 with every mask kind, benchmarks/RESULTS.md). Else,
+  ``"cpu_flash"`` wherever :func:`cpu_flash_applies` (1.7-4.0x flax's
+  fwd+bwd at T=256-4096 with every mask kind, benchmarks/RESULTS.md). Else,
   the rules below, measured before that kernel existed. On CPU without a mask
   array, from 512 tokens: the tiled backend when a tile costs less than
   ``"xla"``'s product (:data:`_CHUNKED_TILE_COST`, 4 KiB pages) and there is no

@@ -350,6 +350,15 @@ ffi::Error shapes_of(Dims qd, Dims kd, Dims vd, Shapes* s) {
   return ffi::Error::Success();
 }
 
+// The shapes of q, k, v and the mask's strides against them.
+ffi::Error prepare(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                   const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::PRED>& mask,
+                   bool causal, bool has_mask, Shapes* sh, Mask* m) {
+  if (ffi::Error e = shapes_of(q.dimensions(), k.dimensions(), v.dimensions(), sh); e.failure())
+    return e;
+  return make_mask(mask, has_mask, causal, q.dimensions(), sh->H, sh->Tq, sh->Tk, m);
+}
+
 // The packed key tiles of one (batch, kv head): tile t of each operand at
 // t * stride. B operands of the products: k^T [D x keys] for q k^T, v [keys x Dv]
 // for P v, v^T [Dv x keys] for dO v^T, k [keys x D] for dS k.
@@ -381,14 +390,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                    ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> o,
                    ffi::ResultBuffer<ffi::F32> lse, bool causal, bool has_mask) {
   Shapes sh;
-  if (ffi::Error e = shapes_of(q.dimensions(), k.dimensions(), v.dimensions(), &sh); e.failure())
-    return e;
+  Mask m;
+  if (ffi::Error e = prepare(q, k, v, mask, causal, has_mask, &sh, &m); e.failure()) return e;
   // Named copies, not structured bindings: lambdas may not capture those in C++17.
   const int64_t B = sh.B, Tq = sh.Tq, Tk = sh.Tk, H = sh.H, Hkv = sh.Hkv, D = sh.D, Dv = sh.Dv;
-  Mask m;
-  if (ffi::Error e = make_mask(mask, has_mask, causal, q.dimensions(), H, Tq, Tk, &m);
-      e.failure())
-    return e;
   const float* Q = q.typed_data();
   const float* K = k.typed_data();
   const float* V = v.typed_data();
@@ -475,14 +480,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                     ffi::ResultBuffer<ffi::F32> dv, bool causal, bool has_mask) {
   Shapes sh;
-  if (ffi::Error e = shapes_of(q.dimensions(), k.dimensions(), v.dimensions(), &sh); e.failure())
-    return e;
+  Mask m;
+  if (ffi::Error e = prepare(q, k, v, mask, causal, has_mask, &sh, &m); e.failure()) return e;
   // Named copies, not structured bindings: lambdas may not capture those in C++17.
   const int64_t B = sh.B, Tq = sh.Tq, Tk = sh.Tk, H = sh.H, Hkv = sh.Hkv, D = sh.D, Dv = sh.Dv;
-  Mask m;
-  if (ffi::Error e = make_mask(mask, has_mask, causal, q.dimensions(), H, Tq, Tk, &m);
-      e.failure())
-    return e;
   const float* Q = q.typed_data();
   const float* K = k.typed_data();
   const float* V = v.typed_data();

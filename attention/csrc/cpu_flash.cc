@@ -325,12 +325,15 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
   while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
-// Tile: 72 query rows x 144 keys. Both are multiples of kMR (the row counts of
-// every product) and 144 of kNR (the column count of the logits). fwd+bwd at
-// B=4 H=8 D=64, T=256 and 1024, over 64 x 128 tiles: 1.0-1.12x on an AVX2
-// EPYC; 60x96, 48x144, 96x144, 72x96, 72x192 and 84x144 were no better.
+// Tile: 72 query rows x 144 keys (128 with AVX-512). Both are multiples of kMR
+// (the row counts of every product) and of kNR (the column count of the
+// logits): 144 is 4.5 AVX-512 panels, and the half panel's copy-out made
+// fwd+bwd at T=256 and padded T=1024 1.1-1.2x slower on a Zen 4 (no mask at
+// T=1024: 191 ms either way; 160 keys: no better than 128). AVX2, fwd+bwd at
+// B=4 H=8 D=64, T=256 and 1024, over 64 x 128 tiles: 1.0-1.12x on a Zen 3;
+// 60x96, 48x144, 96x144, 72x96, 72x192 and 84x144 were no better.
 constexpr int kBq = 72;
-constexpr int kBk = 144;
+constexpr int kBk = kNR == 32 ? 128 : 144;
 
 struct Shapes {
   int64_t B, Tq, Tk, H, Hkv, D, Dv;

@@ -334,6 +334,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
 // 60x96, 48x144, 96x144, 72x96, 72x192 and 84x144 were no better.
 constexpr int kBq = 72;
 constexpr int kBk = kNR == 32 ? 128 : 144;
+static_assert(kBq % kMR == 0 && kBk % kNR == 0, "tiles must hold whole register tiles");
 
 struct Shapes {
   int64_t B, Tq, Tk, H, Hkv, D, Dv;

@@ -5,9 +5,9 @@ between them, and on a CPU the memory traffic of those arrays is most of the
 time. ``csrc/cpu_flash.cc`` keeps every ``[72, 144]`` tile of logits
 (``[72, 128]`` with AVX-512) in cache: the forward pass is an online softmax
 over key blocks that saves one log-sum-exp per query row, and the backward
-pass recomputes each tile's probabilities from it (Dao et al. 2022). Tiles that ``is_causal`` or the mask
-rules out entirely are skipped, whatever the mask's pattern, so a causal or
-padding mask array costs what it removes. Memory is O(T·D): no ``[q, k]``
+pass recomputes each tile's probabilities from it (Dao et al. 2022). Tiles
+that ``is_causal`` or the mask rules out entirely are skipped, whatever the
+mask's pattern, so a causal or padding mask array costs what it removes. Memory is O(T·D): no ``[q, k]``
 array exists in either pass. The work runs on XLA's intra-op thread pool.
 
 The kernel is compiled once per machine with the system C++ compiler

@@ -54,8 +54,9 @@ def check(q, k, v, mask, causal, rng, atol=(3e-6, 2e-5)):
     np.testing.assert_allclose(np.asarray(got), want, atol=atol[1], rtol=1e-4)
 
 
-# Lengths that leave ragged last tiles (72-row tiles of 144 keys, 128 with AVX-512), more keys than
-# queries and fewer, head dims below, at and past one 16-float register tile.
+# Lengths that leave ragged last tiles (72-row tiles of 144 keys, 128 with
+# AVX-512), more keys than queries and fewer, head dims below, at and past one
+# 16-float register tile.
 SHAPES = [(2, 37, 53, 4, 4, 16), (1, 200, 150, 4, 2, 64), (2, 130, 300, 2, 1, 20),
           (1, 1, 40, 2, 2, 8), (2, 65, 129, 3, 3, 33)]
 
@@ -79,8 +80,8 @@ def test_values_and_gradients_match_float64(shape, causal, mask_kind):
 
 
 def test_mask_patterns_that_empty_whole_tiles():
-  """Padding in both axes and a causal mask array leave whole 72x144 (72x128) tiles
-  without a key; skipping them must not change a value."""
+  """Padding in both axes and a causal mask array leave whole 72x144 (72x128)
+  tiles without a key; skipping them must not change a value."""
   rng = np.random.default_rng(0)
   b, t, h, d = 3, 300, 2, 32
   q, k, v = rand(rng, b, t, h, d), rand(rng, b, t, h, d), rand(rng, b, t, h, d)

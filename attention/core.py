@@ -15,7 +15,8 @@ adds grouped-query attention, ``is_causal`` and a choice of backend:
   fp16/bf16).
 * ``"cpu_flash"``: FlashAttention as a C++ kernel behind XLA's FFI
   (:mod:`attention.cpu_flash`; CPU, compiled at first use). No ``[q, k]``
-  array in either pass, fully masked tiles skipped; no bias, no dropout.
+  array in either pass, fully masked tiles skipped; attention dropout with
+  the same pattern as ``"xla"``; no bias.
 * ``None``: the fastest correct backend for the platform and the inputs
   (:mod:`attention.dispatch`, :func:`default_implementation`): on CPU
   ``"cpu_flash"`` where it applies. Otherwise a mask array's contents can decide:
@@ -223,6 +224,28 @@ def _scaled(qh: Array, scale: float | None) -> Array:
   return qh * jnp.asarray(scale, qh.dtype)
 
 
+def _dropout_keep(query, key, dropout_rng, dropout_rate, broadcast_dropout,
+                  deterministic) -> Array | None:
+  """Attention dropout's keep pattern, boolean ``[batch..., heads, q_len, kv_len]``
+  (batch and heads 1 with ``broadcast_dropout``); None without dropout.
+
+  One pattern for every backend that supports dropout ("xla", "cpu_flash"):
+  drawn whole from the key, so it depends on neither the backend nor the
+  blocking, and switching backends keeps the same dropped weights.
+  """
+  if deterministic or dropout_rate <= 0.0:
+    return None
+  if dropout_rng is None:
+    raise ValueError("dropout_rate > 0 with deterministic=False needs a dropout_rng.")
+  shape = jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3]) + (
+      query.shape[-2], query.shape[-3], key.shape[-3])
+  if broadcast_dropout:  # one pattern shared by the batch and head dims
+    shape = (1,) * (len(shape) - 2) + shape[-2:]
+  # 16 random bits per weight, four weights per Threefry evaluation
+  # (attention.dropout): a quarter of jax.random.bernoulli's RNG work.
+  return _dropout.keep_mask(dropout_rng, dropout_rate, shape)
+
+
 def _xla(query, key, value, bias, mask, is_causal, scale, precision,
          dropout_rng, dropout_rate, broadcast_dropout, deterministic):
   # GQA by repeating kv heads: the [q, k] logits dominate memory anyway, and
@@ -233,19 +256,8 @@ def _xla(query, key, value, bias, mask, is_causal, scale, precision,
     value = jnp.repeat(value, groups, axis=-2)
   q_len, kv_len = query.shape[-3], key.shape[-3]
   qh, kh, vh = _heads_first(query), _heads_first(key), _heads_first(value)
-  keep = None
-  if not deterministic and dropout_rate > 0.0:
-    if dropout_rng is None:
-      raise ValueError("dropout_rate > 0 with deterministic=False needs a dropout_rng.")
-    shape = jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3]) + (
-        query.shape[-2], q_len, kv_len)
-    if broadcast_dropout:  # one pattern shared by the batch and head dims
-      shape = (1,) * (len(shape) - 2) + shape[-2:]
-    # 16 random bits per weight, four weights per Threefry evaluation
-    # (attention.dropout): a quarter of jax.random.bernoulli's RNG work.
-    # Drawn whole and then cut per row block, so the pattern does not
-    # depend on the blocking.
-    keep = _dropout.keep_mask(dropout_rng, dropout_rate, shape)
+  keep = _dropout_keep(query, key, dropout_rng, dropout_rate, broadcast_dropout,
+                       deterministic)
   qh = _scaled(qh, scale)
   keep_scale = _dropout.keep_scale(dropout_rate) if keep is not None else 1.0
   blocks = tuple(causal_row_blocks(q_len, kv_len)) if is_causal else None
@@ -336,8 +348,8 @@ def dot_product_attention(
       array-likes (numpy arrays, nested lists) are accepted too.
     broadcast_dropout: share the dropout pattern over batch and heads.
     dropout_rng: PRNG key for attention dropout.
-    dropout_rate: attention dropout probability in ``[0, 1)`` (``"xla"``
-      backend only); masks come from :func:`attention.dropout.keep_mask` (16
+    dropout_rate: attention dropout probability in ``[0, 1)`` (``"xla"`` and
+      ``"cpu_flash"``, which drop the same weights); masks come from :func:`attention.dropout.keep_mask` (16
       random bits per weight, the rate honoured to within ``2**-17``, kept
       weights rescaled exactly).
     deterministic: disables dropout.
@@ -393,10 +405,10 @@ def dot_product_attention(
     )
   if impl == "cpu_flash":
     _check_cpu_flash(query, bias)
-  if dropout and impl != "xla":
+  if dropout and impl not in ("xla", "cpu_flash"):
     raise ValueError(
-        f"attention dropout is only supported by implementation='xla', not {impl!r};"
-        " set dropout_rate=0 or deterministic=True, or use 'xla'."
+        f"attention dropout is supported by implementation='xla' and 'cpu_flash', not"
+        f" {impl!r}; set dropout_rate=0 or deterministic=True, or use 'xla'."
     )
   if module is not None:
     module.sow("intermediates", "attention_weights", dot_product_attention_weights(
@@ -411,7 +423,10 @@ def dot_product_attention(
   elif impl == "cudnn":
     out = _cudnn(query, key, value, bias, mask, is_causal, scale)
   elif impl == "cpu_flash":
-    out = _cpu_flash.attention(query, key, value, mask, is_causal=is_causal, scale=scale)
+    keep = _dropout_keep(query, key, dropout_rng, dropout_rate, broadcast_dropout,
+                         deterministic)
+    out = _cpu_flash.attention(query, key, value, mask, is_causal=is_causal, scale=scale,
+                               keep=keep, keep_scale=_dropout.keep_scale(dropout_rate))
   else:
     out = _chunked.attention(query, key, value, bias, mask, is_causal=is_causal,
                              scale=scale, block_q=block_q, block_kv=block_kv,

@@ -22,8 +22,13 @@ What it covers: float32 compute (bf16/fp16 inputs are upcast), boolean masks
 broadcastable to ``[batch..., heads, q_len, kv_len]``, ``is_causal``,
 grouped-query attention, ``jit``, ``grad``, ``vmap`` and data parallelism
 (each device runs the kernel on its own batch shard; a custom partitioning
-rule keeps XLA from gathering the batch). What it does not: a logit bias and
-attention dropout (use ``"xla"``), and forward-mode differentiation.
+rule keeps XLA from gathering the batch), and attention dropout, given as the
+boolean keep pattern ``"xla"`` draws (:func:`attention.dropout.keep_mask`), so
+both backends drop the same weights for one key. That pattern is a
+``[q_len, kv_len]`` bool array (``[batch..., heads, q_len, kv_len]`` without
+``broadcast_dropout``), a quarter of the float32 logits' bytes or less; the rest of the
+memory stays O(T·D). What it does not: a logit bias (use ``"xla"`` or
+``"chunked"``) and forward-mode differentiation.
 """
 
 from __future__ import annotations
@@ -146,23 +151,26 @@ def _load() -> None:
 
 # ---------------------------------------------------------------------------
 # The two FFI calls. Shapes (B = one or more batch dims, shared by all):
-#   fwd: q [B,Tq,H,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv], mask -> o [B,Tq,H,Dv], lse [B,H,Tq]
-#   bwd: q, k, v, do, lse, delta [B,H,Tq], mask -> dq, dk, dv
-# The mask has q's rank, each dim 1 or full; without one a [1, ..., 1] dummy.
+#   fwd: q [B,Tq,H,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv], mask, keep -> o [B,Tq,H,Dv], lse [B,H,Tq]
+#   bwd: q, k, v, do, lse, delta [B,H,Tq], mask, keep -> dq, dk, dv
+# The mask and dropout's keep pattern have q's rank, each dim 1 or full;
+# without one, a [1, ..., 1] dummy.
 
 def _f32(shape) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _fwd_impl(q, k, v, mask, causal, has_mask):
+def _fwd_impl(q, k, v, mask, keep, causal, has_mask, has_keep, keep_scale):
   lse_shape = q.shape[:-3] + (q.shape[-2], q.shape[-3])
   return jax.ffi.ffi_call(_FWD, (_f32(q.shape[:-1] + v.shape[-1:]), _f32(lse_shape)))(
-      q, k, v, mask, causal=causal, has_mask=has_mask)
+      q, k, v, mask, keep, causal=causal, has_mask=has_mask, has_keep=has_keep,
+      keep_scale=np.float32(keep_scale))
 
 
-def _bwd_impl(q, k, v, dout, lse, delta, mask, causal, has_mask):
+def _bwd_impl(q, k, v, dout, lse, delta, mask, keep, causal, has_mask, has_keep, keep_scale):
   return jax.ffi.ffi_call(_BWD, (_f32(q.shape), _f32(k.shape), _f32(v.shape)))(
-      q, k, v, dout, lse, delta, mask, causal=causal, has_mask=has_mask)
+      q, k, v, dout, lse, delta, mask, keep, causal=causal, has_mask=has_mask,
+      has_keep=has_keep, keep_scale=np.float32(keep_scale))
 
 
 # Data parallelism: every operand and result is split along the batch dims
@@ -216,7 +224,7 @@ def _partitioned(impl, static_argnums):
   def partition(*args):
     static, (mesh, arg_shapes, result_shape) = args[:-3], args[-3:]
     arg_sh, out_sh = _shardings(mesh, arg_shapes, [len(r.shape) for r in result_shape])
-    names = ("causal", "has_mask")
+    names = ("causal", "has_mask", "has_keep", "keep_scale")
     return mesh, functools.partial(impl, **dict(zip(names, static))), out_sh, arg_sh
 
   op.def_partition(
@@ -225,24 +233,27 @@ def _partitioned(impl, static_argnums):
   return op
 
 
-_fwd_partitioned = _partitioned(_fwd_impl, static_argnums=(4, 5))
-_bwd_partitioned = _partitioned(_bwd_impl, static_argnums=(7, 8))
+_fwd_partitioned = _partitioned(_fwd_impl, static_argnums=(5, 6, 7, 8))
+_bwd_partitioned = _partitioned(_bwd_impl, static_argnums=(8, 9, 10, 11))
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_op(partitioned, mask_index, causal, has_mask):
-  """The call, under ``vmap`` too: a vmapped axis becomes one more batch dim."""
+def _batched_op(partitioned, mask_index, causal, has_mask, has_keep, keep_scale):
+  """The call, under ``vmap`` too: a vmapped axis becomes one more batch dim.
+
+  The operands at ``mask_index`` and after it are the mask and the keep pattern.
+  """
 
   @jax.custom_batching.custom_vmap
   def op(*args):
-    return partitioned(*args, causal, has_mask)
+    return partitioned(*args, causal, has_mask, has_keep, keep_scale)
 
   @op.def_vmap
   def rule(axis_size, in_batched, *args):
     lead = []
     for i, (x, batched) in enumerate(zip(args, in_batched)):
-      if not batched:  # the mask broadcasts; every other operand needs the axis
-        x = x[None] if i == mask_index else jnp.broadcast_to(x, (axis_size,) + x.shape)
+      if not batched:  # masks broadcast; every other operand needs the axis
+        x = x[None] if i >= mask_index else jnp.broadcast_to(x, (axis_size,) + x.shape)
       lead.append(x)
     outs = op(*lead)
     return outs, tuple(True for _ in outs)
@@ -250,36 +261,41 @@ def _batched_op(partitioned, mask_index, causal, has_mask):
   return op
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q, k, v, mask, causal):
-  return _forward(q, k, v, mask, causal)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attend(q, k, v, mask, keep, causal, keep_scale):
+  return _forward(q, k, v, mask, keep, causal, keep_scale)[0]
 
 
 def _mask_arg(mask, ndim):
   return jnp.zeros((1,) * ndim, bool) if mask is None else mask
 
 
-def _forward(q, k, v, mask, causal):
-  op = _batched_op(_fwd_partitioned, 3, causal, mask is not None)
-  out, lse = op(q, k, v, _mask_arg(mask, q.ndim))
-  return out, (q, k, v, mask, out, lse)
+def _forward(q, k, v, mask, keep, causal, keep_scale):
+  op = _batched_op(_fwd_partitioned, 3, causal, mask is not None, keep is not None,
+                   keep_scale)
+  out, lse = op(q, k, v, _mask_arg(mask, q.ndim), _mask_arg(keep, q.ndim))
+  return out, (q, k, v, mask, keep, out, lse)
 
 
-def _backward(causal, residuals, dout):
-  q, k, v, mask, out, lse = residuals
-  # δ = rowsum(dO ∘ O) = rowsum(dP ∘ P), at [q, d] cost rather than [q, k].
+def _backward(causal, keep_scale, residuals, dout):
+  q, k, v, mask, keep, out, lse = residuals
+  # δ = rowsum(dO ∘ O) = rowsum(dP ∘ P), at [q, d] cost rather than [q, k]
+  # (with dropout too: O and dP both carry its pattern).
   delta = jnp.einsum("...qhd,...qhd->...hq", dout, out)
-  op = _batched_op(_bwd_partitioned, 6, causal, mask is not None)
-  dq, dk, dv = op(q, k, v, dout, lse, delta, _mask_arg(mask, q.ndim))
-  return dq, dk, dv, None
+  op = _batched_op(_bwd_partitioned, 6, causal, mask is not None, keep is not None,
+                   keep_scale)
+  dq, dk, dv = op(q, k, v, dout, lse, delta, _mask_arg(mask, q.ndim),
+                  _mask_arg(keep, q.ndim))
+  return dq, dk, dv, None, None
 
 
 _attend.defvjp(_forward, _backward)
 
 
 def attention(query: Array, key: Array, value: Array, mask: Array | None = None, *,
-              is_causal: bool = False, scale: float | None = None) -> Array:
-  """``softmax(q kᵀ · scale, where=mask) v`` by the CPU kernel.
+              is_causal: bool = False, scale: float | None = None,
+              keep: Array | None = None, keep_scale: float = 1.0) -> Array:
+  """``(softmax(q kᵀ · scale, where=mask) ∘ keep · keep_scale) v`` by the CPU kernel.
 
   Call it through :func:`attention.dot_product_attention` (which checks the
   arguments) with ``implementation="cpu_flash"``, or let ``None`` pick it.
@@ -292,6 +308,9 @@ def attention(query: Array, key: Array, value: Array, mask: Array | None = None,
       kv_len]``; True = attend.
     is_causal: query i attends keys ``j <= i`` (top-left aligned).
     scale: logit scale, default ``1/sqrt(head_dim)``.
+    keep: optional attention-dropout pattern, boolean and broadcastable like
+      ``mask``; True = keep. Applied to the normalised weights, as in ``"xla"``.
+    keep_scale: the factor kept weights are multiplied by, ``1 / (1 - rate)``.
 
   Returns:
     ``[batch..., q_len, heads, v_head_dim]`` float32; rows with no key are 0.
@@ -302,8 +321,9 @@ def attention(query: Array, key: Array, value: Array, mask: Array | None = None,
   lead = batch or (1,)  # the kernel's batch is at least one dim
   q, k, v = (jnp.broadcast_to(x.astype(jnp.float32), lead + x.shape[-3:])
              for x in (query, key, value))
-  if mask is not None:
-    mask = mask.reshape((1,) * (len(lead) + 3 - mask.ndim) + mask.shape)
+  mask, keep = (None if x is None else x.reshape((1,) * (len(lead) + 3 - x.ndim) + x.shape)
+                for x in (mask, keep))
   scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-  out = _attend(q * jnp.float32(scale), k, v, mask, bool(is_causal))
+  out = _attend(q * jnp.float32(scale), k, v, mask, keep, bool(is_causal),
+                float(keep_scale) if keep is not None else 1.0)
   return out.reshape(batch + out.shape[-3:])

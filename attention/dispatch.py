@@ -2,7 +2,7 @@
 
 The rule is per platform and per input (:func:`default_implementation`). On
 CPU that is the C++ kernel of :mod:`attention.cpu_flash` wherever it applies
-(compiled, no bias, no attention dropout). Without it, a mask array's
+(compiled, no bias; attention dropout included). Without it, a mask array's
 contents can decide at run time (:func:`by_mask`): a mask
 that allows no key after its query runs ``"xla"`` with the causal row blocks
 of ``is_causal`` (:func:`causal_row_blocks`), and from 512 tokens the tiled
@@ -85,12 +85,12 @@ def causal_row_blocks(q_len: int, kv_len: int) -> list[tuple[int, int, int]]:
           for a in range(0, q_len, block)]
 
 
-def cpu_flash_applies(query: Array, *, dropout: bool = False, bias: Any = None) -> bool:
+def cpu_flash_applies(query: Array, *, bias: Any = None) -> bool:
   """Can :mod:`attention.cpu_flash` run these inputs here (CPU, kernel compiled)?
 
-  It has no bias and no dropout, and computes in float32 (so not float64).
+  It has no bias and computes in float32 (so not float64); dropout it has.
   """
-  return (jax.default_backend() == "cpu" and not dropout and bias is None
+  return (jax.default_backend() == "cpu" and bias is None
           and query.dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
           and _cpu_flash.available())
 
@@ -119,7 +119,9 @@ def default_implementation(
     sequence is long enough for :func:`causal_row_blocks`, with the row blocks
     of ``is_causal``, since then ``mask`` and ``mask & causal`` are the same.
   """
-  if dropout:
+  if cpu_flash_applies(query, bias=bias):
+    return "cpu_flash"
+  if dropout:  # of the other backends, only "xla" has attention dropout
     return "xla"
   platform = jax.default_backend()
   if (
@@ -133,8 +135,6 @@ def default_implementation(
   # accelerators its sequential loops lose to one fused XLA kernel.
   if platform != "cpu":
     return "xla"
-  if cpu_flash_applies(query, dropout=dropout, bias=bias):
-    return "cpu_flash"
   if min(query.shape[-3], key.shape[-3]) < _CHUNKED_MIN_LEN:
     return BY_MASK if _may_split_mask(query, key, mask, is_causal) else "xla"
   # "xla" only while its [batch, heads, q, k] float32 arrays stay moderate.

@@ -7,6 +7,14 @@ against ``flax.linen.dot_product_attention`` measured in the same run.
     python -m benchmarks.attention_core                      # T = 256..4096
     python -m benchmarks.attention_core --lengths 1024 --batch 4 --heads 8 --head_dim 64
     python -m benchmarks.attention_core --memory --budget_gb 4   # largest T per backend
+    python -m benchmarks.attention_core --lengths 1024 --attention_dropout 0.1
+
+With ``--attention_dropout RATE`` every implementation that has attention
+dropout runs with it (flax's, ours "xla", "cpu_flash" and auto; one pattern
+shared over batch and heads, flax's default), and the others are left out.
+Our error is then measured against float64 numpy fed our keep pattern
+(:func:`attention.dropout.keep_mask`); flax draws its own pattern, so its
+error is not reported.
 
 FLOPs: forward = 4·B·H·Tq·Tk·D (two matmuls), halved when causal; forward +
 backward counts 3× that (the backward pass does four matmuls of the same size:
@@ -45,21 +53,27 @@ from attention import huge_pages
 from benchmarks import device_info
 
 
-def _peers(blocks=()):
+DROPOUT_KEY = 0  # the attention-dropout key of every implementation
+
+
+def _peers(blocks=(), dropout=0.0):
   """Implementations by name; each ``"BQxBK"`` in ``blocks`` adds the tiled
-  backend with that tile, e.g. ``ours(chunked 512x256)``."""
+  backend with that tile, e.g. ``ours(chunked 512x256)``. With ``dropout``,
+  only those that have attention dropout, all running it."""
   import flax.linen as nn
   from attention import dot_product_attention
+  drop = dict(dropout_rng=jax.random.key(DROPOUT_KEY), dropout_rate=dropout) if dropout else {}
 
   def ours(impl, **tiles):
     def f(q, k, v, mask, causal):
       if causal == "is_causal":
-        return dot_product_attention(q, k, v, is_causal=True, implementation=impl, **tiles)
-      return dot_product_attention(q, k, v, mask=mask, implementation=impl, **tiles)
+        return dot_product_attention(q, k, v, is_causal=True, implementation=impl,
+                                     **tiles, **drop)
+      return dot_product_attention(q, k, v, mask=mask, implementation=impl, **tiles, **drop)
     return f
 
   def flax_fn(q, k, v, mask, causal):
-    return nn.dot_product_attention(q, k, v, mask=mask)
+    return nn.dot_product_attention(q, k, v, mask=mask, deterministic=not dropout, **drop)
 
   def jaxnn(q, k, v, mask, causal):
     if causal == "is_causal":
@@ -76,6 +90,9 @@ def _peers(blocks=()):
   for tile in blocks:
     bq, bk = (int(n) for n in tile.split("x"))
     impls[f"ours(chunked {tile})"] = ours("chunked", block_q=bq, block_kv=bk)
+  if dropout:
+    impls = {n: f for n, f in impls.items() if n in ("flax", "ours(auto)", "ours(xla)",
+                                                     "ours(cpu_flash)")}
   return impls
 
 
@@ -122,8 +139,11 @@ def _time_interleaved(fns, args, repeats, calls_per_turn=1):
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def _reference_row_block(q, k, v, mask):
+def _reference_row_block(q, k, v, mask, keep=None, keep_scale=1.0):
   """float64 output of example 0, head 0 (heads and examples are independent).
+
+  ``keep``: attention dropout's ``[1, 1, T, T]`` pattern, applied with
+  ``keep_scale`` to the probabilities.
 
   Returns ``(out [T, D], rows)`` where ``rows`` marks the queries that attend at
   least one key: fully masked rows (padded queries) have no softmax, and the
@@ -137,11 +157,14 @@ def _reference_row_block(q, k, v, mask):
   m = np.max(s, -1, keepdims=True)
   e = np.exp(s - np.where(np.isfinite(m), m, 0)) * allowed
   den = e.sum(-1, keepdims=True)
-  return (e / np.where(den > 0, den, 1)) @ v, allowed.any(-1)
+  p = e / np.where(den > 0, den, 1)
+  if keep is not None:
+    p = p * np.asarray(keep)[0, 0] * keep_scale
+  return p @ v, allowed.any(-1)
 
 
 def run_speed(args):
-  impls = _peers(args.blocks)
+  impls = _peers(args.blocks, args.attention_dropout)
   dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
   rows = []
   for t in args.lengths:
@@ -151,8 +174,14 @@ def run_speed(args):
     for kind in args.masks:
       mask = _mask(kind, args.batch, t)
       cotangent = jnp.asarray(rng.normal(size=q.shape), dtype)
+      keep, keep_scale = None, 1.0
+      if args.attention_dropout:
+        from attention import dropout as dropout_lib
+        keep = dropout_lib.keep_mask(jax.random.key(DROPOUT_KEY), args.attention_dropout,
+                                     (1, 1, t, t))
+        keep_scale = dropout_lib.keep_scale(args.attention_dropout)
       ref, rows_ok = _reference_row_block(q.astype(jnp.float32), k.astype(jnp.float32),
-                                          v.astype(jnp.float32), mask)
+                                          v.astype(jnp.float32), mask, keep, keep_scale)
       flops = 4 * args.batch * args.heads * t * t * args.head_dim
       if kind in ("causal_mask", "is_causal"):
         flops //= 2
@@ -168,7 +197,9 @@ def run_speed(args):
           print(f"  {name}: failed: {type(e).__name__}: {str(e).splitlines()[0]}")
           continue
         diff = np.abs(np.asarray(out[0, :, 0], np.float64) - ref)
-        errors[name] = float(np.max(diff[rows_ok]))
+        # flax draws another dropout pattern than the reference's.
+        errors[name] = None if keep is not None and name == "flax" else float(
+            np.max(diff[rows_ok]))
         compiled[name] = (fwd, grad)
       t_fwd = _time_interleaved({n: f for n, (f, _) in compiled.items()},
                                 (q, k, v, mask), args.repeats, args.calls_per_turn)
@@ -187,7 +218,7 @@ def run_speed(args):
         print(f"T={t:5d} {kind:11s} {name:22s} fwd {row['fwd_ms']:8.1f} ms "
               f"({row['fwd_gflops']:6.1f} GF/s, x{row['speedup_fwd'] or 0:4.2f} vs flax)  "
               f"fwd+bwd {row['fwd_bwd_ms']:8.1f} ms (x{row['speedup_fwd_bwd'] or 0:4.2f})  "
-              f"err {err:.1e}", flush=True)
+              f"err {'n/a' if err is None else f'{err:.1e}'}", flush=True)
   return rows
 
 
@@ -268,6 +299,8 @@ def main(argv=None):
   p.add_argument("--dtype", default="bf16" if jax.default_backend() == "gpu" else "fp32",
                  choices=["fp32", "bf16"])
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--attention_dropout", type=float, default=0.0,
+                 help="attention dropout rate; only implementations with dropout run")
   p.add_argument("--calls_per_turn", type=int, default=1,
                  help="timed consecutive calls per implementation per round")
   p.add_argument("--blocks", nargs="*", default=[], type=_tile,
@@ -284,6 +317,8 @@ def main(argv=None):
                  " or attention_core_memory.json with --memory_only (so the timings stay)")
   p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if not 0.0 <= args.attention_dropout < 1.0:
+    p.error(f"--attention_dropout={args.attention_dropout} must be in [0, 1)")
   if args.out is None:
     args.out = ("benchmarks/out/attention_core_memory.json" if args.memory_only
                 else "benchmarks/out/attention_core.json")

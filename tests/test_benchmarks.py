@@ -50,6 +50,23 @@ def test_attention_core_times_requested_tiles(tmp_path, capsys):
   assert "want BQxBK" in capsys.readouterr().err
 
 
+def test_attention_core_with_attention_dropout(tmp_path, capsys):
+  """Only the implementations with dropout run; ours match float64 fed our pattern."""
+  out = tmp_path / "core.json"
+  attention_core.main(["--lengths", "40", "--batch", "2", "--heads", "2", "--head_dim", "8",
+                       "--repeats", "1", "--masks", "padding", "--attention_dropout", "0.3",
+                       "--out", str(out)])
+  rows = {r["impl"]: r for r in json.loads(out.read_text())["speed"]}
+  assert {"flax", "ours(auto)", "ours(xla)"} <= set(rows) <= {
+      "flax", "ours(auto)", "ours(xla)", "ours(cpu_flash)"}
+  assert rows["flax"]["max_err"] is None  # flax draws its own pattern
+  for name in set(rows) - {"flax"}:
+    assert rows[name]["max_err"] < 1e-5, (name, rows[name])
+  with pytest.raises(SystemExit):
+    attention_core.main(["--attention_dropout", "1"])
+  assert "--attention_dropout=1.0 must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_time_interleaved_calls_each_function_per_turn():
   calls = []
   fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}

@@ -205,7 +205,7 @@ def test_dropout_only_in_xla_and_reproducible():
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
   np.testing.assert_allclose(c, reference.attention_forward(q, k, v)[0], atol=2e-5)
-  with pytest.raises(ValueError, match="only supported by implementation='xla'"):
+  with pytest.raises(ValueError, match="supported by implementation=.xla. and .cpu_flash."):
     dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=key, implementation="chunked")
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from attention import cpu_flash, dispatch, dot_product_attention
+from attention import dropout as dropout_lib
 from tests import reference
 
 # Where there is a compiler the kernel must build (test_builds_where_there_is_a_compiler):
@@ -29,11 +30,12 @@ def rand(rng, *shape):
   return rng.normal(size=shape).astype(np.float32)
 
 
-def backward_reference(q, k, v, dout, mask, causal):
+def backward_reference(q, k, v, dout, mask, causal, keep=None, keep_scale=1.0):
   """float64 (dq, dk, dv), with grouped kv heads summed over their query heads."""
   groups = q.shape[-2] // k.shape[-2]
   kr, vr = np.repeat(k, groups, axis=-2), np.repeat(v, groups, axis=-2)
-  dq, dk, dv = reference.attention_backward(q, kr, vr, dout, mask, causal)
+  dq, dk, dv = reference.attention_backward(q, kr, vr, dout, mask, causal,
+                                            keep=keep, keep_scale=keep_scale)
   fold = lambda x: x.reshape(x.shape[:-2] + (k.shape[-2], groups, x.shape[-1])).sum(-2)  # noqa: E731
   return dq, fold(dk), fold(dv)
 
@@ -140,7 +142,7 @@ def test_auto_picks_it_where_it_applies():
   x = jnp.zeros((2, 300, 4, 16))
   assert dispatch.default_implementation(x, x) == "cpu_flash"
   assert dispatch.default_implementation(x, x, mask=jnp.ones((2, 1, 300, 300), bool)) == "cpu_flash"
-  assert dispatch.default_implementation(x, x, dropout=True) == "xla"
+  assert dispatch.default_implementation(x, x, dropout=True) == "cpu_flash"
   assert dispatch.default_implementation(x, x, bias=jnp.zeros((300, 300))) != "cpu_flash"
   x64 = jax.ShapeDtypeStruct(x.shape, jnp.float64)  # the kernel computes in float32
   assert dispatch.default_implementation(x64, x64) == "xla"
@@ -150,9 +152,59 @@ def test_refuses_what_it_cannot_run_with_one_line():
   x = jnp.zeros((1, 8, 2, 4))
   with pytest.raises(ValueError, match="takes no bias"):
     dot_product_attention(x, x, x, bias=jnp.zeros((8, 8)), implementation="cpu_flash")
-  with pytest.raises(ValueError, match="dropout is only supported by implementation='xla'"):
-    dot_product_attention(x, x, x, dropout_rng=jax.random.key(0), dropout_rate=0.1,
-                          implementation="cpu_flash")
+  with pytest.raises(ValueError, match="dropout_rate > 0 with deterministic=False needs"):
+    dot_product_attention(x, x, x, dropout_rate=0.1, implementation="cpu_flash")
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_dropout_matches_float64_and_drops_what_xla_drops(shape, causal, broadcast):
+  """The kernel applies attention dropout's keep pattern to the normalised
+  weights: values and gradients against float64 numpy fed the same pattern,
+  and the same dropped weights as the "xla" backend for one key."""
+  b, t, s, h, hkv, d = shape
+  rng = np.random.default_rng(zlib.crc32(repr((shape, causal, broadcast)).encode()))
+  q, k, v = rand(rng, b, t, h, d), rand(rng, b, s, hkv, d), rand(rng, b, s, hkv, d + 3)
+  mask = (np.arange(s)[None] < rng.integers(1, s + 1, b)[:, None])[:, None, None]
+  dout = rand(rng, b, t, h, d + 3)
+  key, rate = jax.random.key(int(rng.integers(1 << 30))), 0.3
+  pattern = (1, 1, t, s) if broadcast else (b, h, t, s)
+  keep = np.asarray(dropout_lib.keep_mask(key, rate, pattern))
+  assert 0.6 < keep.mean() < 0.8  # a pattern that drops something
+
+  def run(impl):
+    f = lambda q, k, v: dot_product_attention(  # noqa: E731
+        q, k, v, mask=jnp.asarray(mask), is_causal=causal, dropout_rng=key,
+        dropout_rate=rate, broadcast_dropout=broadcast, implementation=impl)
+    out, vjp = jax.vjp(jax.jit(f), q, k, v)
+    return (out,) + vjp(jnp.asarray(dout))
+
+  got, xla = run("cpu_flash"), run("xla")
+  scale = dropout_lib.keep_scale(rate)
+  want = (reference.attention_forward(q, k, v, mask, None, causal, keep=keep, keep_scale=scale)[0],
+          *backward_reference(q, k, v, dout, mask, causal, keep, scale))
+  for g, x, w, atol in zip(got, xla, want, (3e-6, 2e-5, 2e-5, 2e-5)):
+    np.testing.assert_allclose(np.asarray(g), w, atol=atol, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(x), atol=atol, rtol=1e-4)
+  assert not np.allclose(np.asarray(got[0]), reference.attention_forward(
+      q, k, v, mask, None, causal)[0], atol=1e-3)
+
+
+def test_dropout_under_vmap_with_per_example_keys():
+  """A batched key (one per vmapped example) gives a batched pattern; each
+  example matches its own unbatched call."""
+  rng = np.random.default_rng(5)
+  q, k, v = (rand(rng, 3, 2, 30, 2, 8) for _ in range(3))
+  keys = jax.random.split(jax.random.key(7), 3)
+  one = lambda q, k, v, key: dot_product_attention(  # noqa: E731
+      q, k, v, is_causal=True, dropout_rng=key, dropout_rate=0.25,
+      implementation="cpu_flash")
+  out = jax.jit(jax.vmap(one))(q, k, v, keys)
+  for i in range(3):
+    np.testing.assert_allclose(np.asarray(out[i]), np.asarray(one(q[i], k[i], v[i], keys[i])),
+                               atol=1e-6)
+  assert not np.allclose(np.asarray(out[0]), np.asarray(one(q[0], k[0], v[0], keys[1])))
 
 
 def _run(code, env=None, timeout=300):

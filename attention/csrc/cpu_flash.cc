@@ -14,6 +14,9 @@
 //   q [B, Tq, H, D]   k [B, Tk, Hkv, D]   v [B, Tk, Hkv, Dv]   o, do [B, Tq, H, Dv]
 //   lse, delta [B, H, Tq] (delta = rowsum(do * o))
 //   mask: bool [B, H, Tq, Tk], any dim 1 to broadcast (True = attend).
+//   keep: attention dropout's pattern, bool and broadcast like the mask (True =
+//     keep, scaled by keep_scale); the softmax is taken before dropout, so
+//     lse is that of the undropped weights.
 // Head h reads kv head h / (H / Hkv) (grouped-query attention).
 // A query row with no key to attend gets o = 0 and lse = +inf, so its P and
 // all its gradients are 0.
@@ -205,6 +208,16 @@ void mask_row(float* __restrict s, const uint8_t* __restrict m, int n) {
   for (int c = 0; c < n; ++c) s[c] = m[c] ? s[c] : -kInf;
 }
 
+// d[c] = k[c] ? p[c] * scale : 0, vectorised the same way (dropout's pattern);
+// drop_row is the in-place form without the scale.
+void keep_row(float* __restrict d, const float* __restrict p, const uint8_t* __restrict k,
+              float scale, int n) {
+  for (int c = 0; c < n; ++c) d[c] = k[c] ? p[c] * scale : 0.0f;
+}
+void drop_row(float* __restrict s, const uint8_t* __restrict k, int n) {
+  for (int c = 0; c < n; ++c) s[c] = k[c] ? s[c] : 0.0f;
+}
+
 struct Mask {
   const bool* data = nullptr;  // null: no mask array
   std::vector<int64_t> batch_offset;  // of each flattened batch index
@@ -247,6 +260,34 @@ struct Mask {
       }
     }
   }
+  // Row r of d (stride ldd) = row r of p (stride ldp) times scale where the
+  // pattern keeps (i0 + r, j0 + c), else 0; nk columns (data must be set).
+  void keep(float* d, int64_t ldd, const float* p, int64_t ldp, float scale, int64_t b,
+            int64_t h, int64_t i0, int nq, int64_t j0, int nk) const {
+    for (int r = 0; r < nq; ++r) {
+      const bool* m = at(b, h, i0 + r, j0);
+      float* dr = d + r * ldd;
+      const float* pr = p + r * ldp;
+      if (sk == 0) {
+        for (int c = 0; c < nk; ++c) dr[c] = m[0] ? pr[c] * scale : 0.0f;
+      } else {
+        keep_row(dr, pr, reinterpret_cast<const uint8_t*>(m), scale, nk);
+      }
+    }
+  }
+  // s[r, c] = 0 where the pattern drops (i0 + r, j0 + c), in place.
+  void drop(float* s, int64_t lds, int64_t b, int64_t h, int64_t i0, int nq, int64_t j0,
+            int nk) const {
+    for (int r = 0; r < nq; ++r) {
+      const bool* m = at(b, h, i0 + r, j0);
+      float* sr = s + r * lds;
+      if (sk == 0) {
+        if (!m[0]) std::fill(sr, sr + nk, 0.0f);
+      } else {
+        drop_row(sr, reinterpret_cast<const uint8_t*>(m), nk);
+      }
+    }
+  }
 };
 
 using Dims = ffi::Span<const int64_t>;
@@ -272,13 +313,13 @@ ffi::Error make_mask(const ffi::Buffer<ffi::PRED>& mask, bool has_mask, bool cau
   if (!has_mask) return ffi::Error::Success();
   Dims md = mask.dimensions();
   const size_t r = qd.size();
-  if (md.size() != r) return ffi::Error::InvalidArgument("cpu_flash: mask rank != q rank");
+  if (md.size() != r) return ffi::Error::InvalidArgument("cpu_flash: mask/keep rank != q rank");
   std::vector<int64_t> target(qd.begin(), qd.end() - 3), stride(r, 0);
   target.insert(target.end(), {H, Tq, Tk});
   int64_t st = 1;
   for (size_t i = r; i-- > 0;) {
     if (md[i] != 1 && md[i] != target[i])
-      return ffi::Error::InvalidArgument("cpu_flash: mask does not broadcast");
+      return ffi::Error::InvalidArgument("cpu_flash: mask/keep does not broadcast");
     stride[i] = md[i] == 1 ? 0 : st;
     st *= md[i];
   }
@@ -354,13 +395,17 @@ ffi::Error shapes_of(Dims qd, Dims kd, Dims vd, Shapes* s) {
   return ffi::Error::Success();
 }
 
-// The shapes of q, k, v and the mask's strides against them.
+// The shapes of q, k, v and the strides of the mask and the dropout pattern.
 ffi::Error prepare(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
                    const ffi::Buffer<ffi::F32>& v, const ffi::Buffer<ffi::PRED>& mask,
-                   bool causal, bool has_mask, Shapes* sh, Mask* m) {
+                   const ffi::Buffer<ffi::PRED>& keep, bool causal, bool has_mask,
+                   bool has_keep, Shapes* sh, Mask* m, Mask* kp) {
   if (ffi::Error e = shapes_of(q.dimensions(), k.dimensions(), v.dimensions(), sh); e.failure())
     return e;
-  return make_mask(mask, has_mask, causal, q.dimensions(), sh->H, sh->Tq, sh->Tk, m);
+  if (ffi::Error e = make_mask(mask, has_mask, causal, q.dimensions(), sh->H, sh->Tq, sh->Tk, m);
+      e.failure())
+    return e;
+  return make_mask(keep, has_keep, false, q.dimensions(), sh->H, sh->Tq, sh->Tk, kp);
 }
 
 // The packed key tiles of one (batch, kv head): tile t of each operand at
@@ -391,11 +436,14 @@ KeyPanels pack_keys(const float* x, int64_t ldx, int64_t Tk, int dim, Form form)
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                    ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> o,
-                   ffi::ResultBuffer<ffi::F32> lse, bool causal, bool has_mask) {
+                   ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::PRED> keep,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
+                   bool causal, bool has_mask, bool has_keep, float keep_scale) {
   Shapes sh;
-  Mask m;
-  if (ffi::Error e = prepare(q, k, v, mask, causal, has_mask, &sh, &m); e.failure()) return e;
+  Mask m, kp;
+  if (ffi::Error e = prepare(q, k, v, mask, keep, causal, has_mask, has_keep, &sh, &m, &kp);
+      e.failure())
+    return e;
   // Named copies, not structured bindings: lambdas may not capture those in C++17.
   const int64_t B = sh.B, Tq = sh.Tq, Tk = sh.Tk, H = sh.H, Hkv = sh.Hkv, D = sh.D, Dv = sh.Dv;
   const float* Q = q.typed_data();
@@ -459,13 +507,15 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
           for (int64_t c = 0; c < Dv; ++c) ar[c] *= alpha;
         }
       }
+      // Dropout acts on the normalised weights; 1/l and keep_scale come at the end.
+      if (has_keep) kp.drop(s, kBk, b, h, i0, nq, j0, nk);
       gemm(nq, dv, nk, s, kBk, 1, vp[kv_item].tile(t), acc.data(), Dv, true);
     }
     for (int r = 0; r < nq; ++r) {
       float* orow = O + ((b * Tq + i0 + r) * H + h) * Dv;
       const float* ar = acc.data() + r * Dv;
       if (l[r] > 0.0f) {
-        const float inv = 1.0f / l[r];
+        const float inv = (has_keep ? keep_scale : 1.0f) / l[r];
         for (int64_t c = 0; c < Dv; ++c) orow[c] = ar[c] * inv;
         L[(b * H + h) * Tq + i0 + r] = mx[r] + std::log(l[r]);
       } else {
@@ -481,11 +531,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                     ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::F32> dout, ffi::Buffer<ffi::F32> lse,
                     ffi::Buffer<ffi::F32> delta, ffi::Buffer<ffi::PRED> mask,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                    ffi::ResultBuffer<ffi::F32> dv, bool causal, bool has_mask) {
+                    ffi::Buffer<ffi::PRED> keep, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    bool causal, bool has_mask, bool has_keep, float keep_scale) {
   Shapes sh;
-  Mask m;
-  if (ffi::Error e = prepare(q, k, v, mask, causal, has_mask, &sh, &m); e.failure()) return e;
+  Mask m, kp;
+  if (ffi::Error e = prepare(q, k, v, mask, keep, causal, has_mask, has_keep, &sh, &m, &kp);
+      e.failure())
+    return e;
   // Named copies, not structured bindings: lambdas may not capture those in C++17.
   const int64_t B = sh.B, Tq = sh.Tq, Tk = sh.Tk, H = sh.H, Hkv = sh.Hkv, D = sh.D, Dv = sh.Dv;
   const float* Q = q.typed_data();
@@ -512,9 +565,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     const KeyPanels kr = pack_keys(kb, Hkv * D, Tk, d, Form::kRows);
     std::vector<float> dk_acc(static_cast<size_t>(Tk) * D, 0.0f);
     std::vector<float> dv_acc(static_cast<size_t>(Tk) * Dv, 0.0f);
-    std::vector<float> tiles(2 * static_cast<size_t>(kBq) * kBk);
+    std::vector<float> tiles((has_keep ? 3 : 2) * static_cast<size_t>(kBq) * kBk);
     float* p = tiles.data();
     float* ds = p + kBq * kBk;
+    float* pd = has_keep ? ds + kBq * kBk : p;  // P after dropout
     std::vector<float> qp(packed_size(kBq, d)), dop(packed_size(kBq, dvi));
     std::vector<float> dq_acc(static_cast<size_t>(kBq) * D);
     for (int64_t g = 0; g < sh.groups(); ++g) {
@@ -542,15 +596,27 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
             const vf lr = splat(li[r]);
             for (int c = 0; c < nkp; c += kW) store(pr + c, vexp(load(pr + c) - lr));
           }
-          // dV += P^T dO
-          gemm(nk, dvi, nq, p, 1, kBk, dop.data(), dv_acc.data() + j0 * Dv, Dv, true);
-          // dP = dO v^T, then dS = P * (dP - delta)
+          // With dropout Z (scaled): Pd = P * Z, O = Pd v. The columns past nk stay 0.
+          if (has_keep) {
+            kp.keep(pd, kBk, p, kBk, keep_scale, b, h, i0, nq, j0, nk);
+            for (int r = 0; r < nq; ++r) std::fill(pd + r * kBk + nk, pd + r * kBk + nkp, 0.0f);
+          }
+          // dV += Pd^T dO
+          gemm(nk, dvi, nq, pd, 1, kBk, dop.data(), dv_acc.data() + j0 * Dv, Dv, true);
+          // dPd = dO v^T, then dS = P * (dPd * Z - delta) = Pd * dPd - P * delta
           gemm(nq, nk, dvi, doi, H * Dv, 1, vt.tile(t), ds, kBk, false);
           for (int r = 0; r < nq; ++r) {
             float* dr = ds + r * kBk;
             const float* pr = p + r * kBk;
             const vf dlt = splat(di[r]);
-            for (int c = 0; c < nkp; c += kW) store(dr + c, load(pr + c) * (load(dr + c) - dlt));
+            if (has_keep) {
+              const float* qr = pd + r * kBk;
+              for (int c = 0; c < nkp; c += kW)
+                store(dr + c, load(qr + c) * load(dr + c) - load(pr + c) * dlt);
+            } else {
+              for (int c = 0; c < nkp; c += kW)
+                store(dr + c, load(pr + c) * (load(dr + c) - dlt));
+            }
           }
           // dQ += dS k, dK += dS^T q
           gemm(nq, d, nk, ds, kBk, 1, kr.tile(t), dq_acc.data(), D, true);
@@ -578,10 +644,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::F32>>()   // k
         .Arg<ffi::Buffer<ffi::F32>>()   // v
         .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+        .Arg<ffi::Buffer<ffi::PRED>>()  // keep
         .Ret<ffi::Buffer<ffi::F32>>()   // o
         .Ret<ffi::Buffer<ffi::F32>>()   // lse
         .Attr<bool>("causal")
-        .Attr<bool>("has_mask"));
+        .Attr<bool>("has_mask")
+        .Attr<bool>("has_keep")
+        .Attr<float>("keep_scale"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     AttentionCpuFlashBackward, Backward,
@@ -594,8 +663,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::F32>>()   // lse
         .Arg<ffi::Buffer<ffi::F32>>()   // delta
         .Arg<ffi::Buffer<ffi::PRED>>()  // mask
+        .Arg<ffi::Buffer<ffi::PRED>>()  // keep
         .Ret<ffi::Buffer<ffi::F32>>()   // dq
         .Ret<ffi::Buffer<ffi::F32>>()   // dk
         .Ret<ffi::Buffer<ffi::F32>>()   // dv
         .Attr<bool>("causal")
-        .Attr<bool>("has_mask"));
+        .Attr<bool>("has_mask")
+        .Attr<bool>("has_keep")
+        .Attr<float>("keep_scale"));

@@ -19,6 +19,7 @@ any other key implementation (``rbg``, ...) draws ``uint16`` bits through
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -31,6 +32,12 @@ Array = jax.Array
 
 _BITS = 16
 _LEVELS = 1 << _BITS
+
+# Masks larger than this many elements are drawn a slice of rows at a time
+# (lax.map), so the Threefry words and counters of only one slice exist at
+# once: a [32768, 32768] attention-dropout pattern (1 GiB of bools) otherwise
+# peaks at about 4 GiB of temporaries. Smaller masks are drawn in one go.
+_SLICE_ELEMENTS = 1 << 24
 
 
 def _threshold(rate: float) -> int:
@@ -105,18 +112,47 @@ def keep_mask(rng: Array, rate: float, shape: Sequence[int]) -> Array:
   size = int(np.prod(shape, dtype=np.int64))
   if data is None or size >= 2 ** 32:
     return jax.random.bits(rng, shape, jnp.uint16) >= np.uint16(t)
-  # One Threefry evaluation per 4 elements along the last axis: its two output
-  # words split into four 16-bit fields, laid out as four contiguous quarters.
-  lead = shape[:-1] if shape else ()
-  quarter = lead + (-(-n // 4),)
-  counts = _linear_index(quarter)
   data = data.astype(jnp.uint32)
+  lead = shape[:-1] if shape else ()
+  rows = size // n if n else 0
+  per_slice = _rows_per_slice(rows, n)
+  if per_slice is None:
+    return _keep_from_counts(data, thr, _linear_index(lead + (-(-n // 4),)), n).reshape(shape)
+  # Row r's counters are r * quarter + column whether drawn at once or in
+  # slices, so the pattern is the same bit for bit.
+  quarter = -(-n // 4)
+  local = _linear_index((per_slice, quarter))
+
+  def one_slice(i):
+    return _keep_from_counts(data, thr, local + i * np.uint32(per_slice * quarter), n)
+
+  slices = jax.lax.map(one_slice, jnp.arange(rows // per_slice, dtype=jnp.uint32))
+  return slices.reshape(shape)
+
+
+def _rows_per_slice(rows: int, n: int) -> int | None:
+  """Rows per slice for a large mask (a divisor of ``rows``); None: draw it at once."""
+  if rows * n <= _SLICE_ELEMENTS or rows < 2:
+    return None
+  target = max(1, _SLICE_ELEMENTS // n)
+  small = [d for d in range(1, math.isqrt(rows) + 1) if rows % d == 0]
+  best = max(d for d in small + [rows // d for d in small] if d <= target)
+  # A row count with no divisor near the target (a large prime) would make
+  # thousands of tiny slices: draw it at once instead.
+  return best if best * 8 >= target else None
+
+
+def _keep_from_counts(data: Array, thr: np.uint32, counts: Array, n: int) -> Array:
+  """Keep bits of the rows whose Threefry counters are ``counts`` ``[..., ceil(n/4)]``.
+
+  One Threefry evaluation per 4 elements along the last axis: its two output
+  words split into four 16-bit fields, laid out as four contiguous quarters.
+  """
   hi, lo = threefry2x32_p.bind(data[0], data[1], jnp.zeros_like(counts), counts)
   low16 = np.uint32(_LEVELS - 1)
   parts = [(hi & low16) >= thr, (hi >> np.uint32(_BITS)) >= thr,
            (lo & low16) >= thr, (lo >> np.uint32(_BITS)) >= thr]
-  keep = jnp.concatenate(parts, axis=-1)[..., :n]
-  return keep.reshape(shape)
+  return jnp.concatenate(parts, axis=-1)[..., :n]
 
 
 def dropout(x: Array, rate: float, rng: Array,

@@ -222,11 +222,11 @@ def run_speed(args):
   return rows
 
 
-def _peak_rss_child(impl, t, heads, head_dim):
+def _peak_rss_child(impl, t, heads, head_dim, dropout=0.0):
   """Runs one causal fwd+bwd in this (fresh) process and prints its peak RSS in bytes."""
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(1, t, heads, head_dim)), jnp.float32) for _ in range(3))
-  fn = _peers()[impl]
+  fn = _peers(dropout=dropout)[impl]
   # Every implementation that has is_causal gets it; only flax's function
   # needs the [T, T] mask array (4·T² bytes).
   native = impl.startswith("ours") or impl == "jax.nn"
@@ -253,7 +253,7 @@ def run_memory(args):
     best, stopped = None, False
     for t in args.memory_lengths:
       cmd = [sys.executable, "-m", "benchmarks.attention_core", "--_child", impl, str(t),
-             str(args.memory_heads), str(args.head_dim)]
+             str(args.memory_heads), str(args.head_dim), str(args.attention_dropout)]
       status = "ok"
       try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.memory_timeout,
@@ -315,7 +315,7 @@ def main(argv=None):
   p.add_argument("--memory_timeout", type=float, default=900)
   p.add_argument("--out", default=None, help="default: benchmarks/out/attention_core.json,"
                  " or attention_core_memory.json with --memory_only (so the timings stay)")
-  p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+  p.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if not 0.0 <= args.attention_dropout < 1.0:
     p.error(f"--attention_dropout={args.attention_dropout} must be in [0, 1)")
@@ -323,8 +323,8 @@ def main(argv=None):
     args.out = ("benchmarks/out/attention_core_memory.json" if args.memory_only
                 else "benchmarks/out/attention_core.json")
   if args._child:
-    impl, t, h, d = args._child
-    return _peak_rss_child(impl, int(t), int(h), int(d))
+    impl, t, h, d, rate = args._child
+    return _peak_rss_child(impl, int(t), int(h), int(d), float(rate))
   hp = huge_pages.active()
   device = device_info.describe()
   print(f"device: {device} ({jax.default_backend()}), jax {jax.__version__},"

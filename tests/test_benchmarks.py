@@ -67,6 +67,23 @@ def test_attention_core_with_attention_dropout(tmp_path, capsys):
   assert "--attention_dropout=1.0 must be in [0, 1)" in capsys.readouterr().err
 
 
+def test_attention_core_memory_sweep_stops_at_the_budget(tmp_path, capsys):
+  """Each (implementation, T) runs in a fresh process; the sweep stops at the first
+  length over budget (0.05 GB is below the JAX runtime alone)."""
+  out = tmp_path / "mem.json"
+  attention_core.main(["--memory_only", "--memory_impls", "ours(auto)", "--memory_lengths",
+                       "64", "128", "--head_dim", "8", "--attention_dropout", "0.1",
+                       "--out", str(out)])
+  rows = json.loads(out.read_text())["memory"]
+  assert [(r["T"], r["fits"], r["status"]) for r in rows] == [(64, True, "ok"), (128, True, "ok")]
+  assert all(0.05 < r["peak_rss_gb"] < 4 for r in rows)
+  attention_core.main(["--memory_only", "--memory_impls", "ours(auto)", "--memory_lengths",
+                       "64", "128", "--head_dim", "8", "--budget_gb", "0.05", "--out", str(out)])
+  rows = json.loads(out.read_text())["memory"]
+  assert [(r["T"], r["status"]) for r in rows] == [(64, "over budget")]
+  assert "largest T within 0.05 GB for ours(auto): None" in capsys.readouterr().out
+
+
 def test_time_interleaved_calls_each_function_per_turn():
   calls = []
   fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}

@@ -42,3 +42,19 @@ def test_edge_rates_and_module():
   np.testing.assert_array_equal(y, jnp.broadcast_to(y[:1], y.shape))  # one mask shared on axis 0
   assert set(np.unique(np.asarray(y))) <= {0.0, 2.0}
   np.testing.assert_array_equal(mod.apply({}, x, deterministic=True), x)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 40, 37), (6, 5, 16)])
+def test_large_masks_drawn_in_slices_are_the_same_bits(monkeypatch, shape):
+  """Past _SLICE_ELEMENTS the pattern is drawn a slice of rows at a time; it must
+  be bit for bit the one drawn at once (and thus the same for any threshold)."""
+  import attention.dropout as dropout_lib
+  key = jax.random.key(4)
+  whole = np.asarray(keep_mask(key, 0.3, shape))
+  monkeypatch.setattr(dropout_lib, "_SLICE_ELEMENTS", 2 * shape[-1] + 5)
+  rows = int(np.prod(shape[:-1]))
+  per_slice = dropout_lib._rows_per_slice(rows, shape[-1])
+  assert per_slice == 2 and rows % per_slice == 0  # drawn in many slices of 2 rows
+  sliced = np.asarray(jax.jit(lambda k: keep_mask(k, 0.3, shape))(key))
+  np.testing.assert_array_equal(sliced, whole)
+  assert dropout_lib._rows_per_slice(7919, 1) is None  # a prime: no divisor near 37+ rows

@@ -349,9 +349,9 @@ def dot_product_attention(
     broadcast_dropout: share the dropout pattern over batch and heads.
     dropout_rng: PRNG key for attention dropout.
     dropout_rate: attention dropout probability in ``[0, 1)`` (``"xla"`` and
-      ``"cpu_flash"``, which drop the same weights); masks come from :func:`attention.dropout.keep_mask` (16
-      random bits per weight, the rate honoured to within ``2**-17``, kept
-      weights rescaled exactly).
+      ``"cpu_flash"``, which drop the same weights); masks come from
+      :func:`attention.dropout.keep_mask` (16 random bits per weight, the rate
+      honoured to within ``2**-17``, kept weights rescaled exactly).
     deterministic: disables dropout.
     dtype: computation dtype (default: promoted from the inputs).
     precision: matmul precision.

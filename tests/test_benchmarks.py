@@ -38,12 +38,16 @@ def test_attention_core_rows_errors_and_ratios(tmp_path, capsys):
     assert r["fwd_gflops"] == pytest.approx(flops / (r["fwd_ms"] / 1e3) / 1e9)
 
 
-def test_attention_core_times_requested_tiles(tmp_path, capsys):
+def _toy_padding_rows(tmp_path, t, *extra):
+  """Speed rows by implementation of a toy B=2 H=2 D=8 padding-mask run."""
   out = tmp_path / "core.json"
-  attention_core.main(["--lengths", "32", "--batch", "2", "--heads", "2", "--head_dim", "8",
-                       "--repeats", "1", "--masks", "padding", "--blocks", "16x8",
-                       "--out", str(out)])
-  rows = {r["impl"]: r for r in json.loads(out.read_text())["speed"]}
+  attention_core.main(["--lengths", str(t), "--batch", "2", "--heads", "2", "--head_dim", "8",
+                       "--repeats", "1", "--masks", "padding", *extra, "--out", str(out)])
+  return {r["impl"]: r for r in json.loads(out.read_text())["speed"]}
+
+
+def test_attention_core_times_requested_tiles(tmp_path, capsys):
+  rows = _toy_padding_rows(tmp_path, 32, "--blocks", "16x8")
   assert rows["ours(chunked 16x8)"]["max_err"] < 1e-5
   with pytest.raises(SystemExit):
     attention_core.main(["--blocks", "512"])
@@ -52,11 +56,7 @@ def test_attention_core_times_requested_tiles(tmp_path, capsys):
 
 def test_attention_core_with_attention_dropout(tmp_path, capsys):
   """Only the implementations with dropout run; ours match float64 fed our pattern."""
-  out = tmp_path / "core.json"
-  attention_core.main(["--lengths", "40", "--batch", "2", "--heads", "2", "--head_dim", "8",
-                       "--repeats", "1", "--masks", "padding", "--attention_dropout", "0.3",
-                       "--out", str(out)])
-  rows = {r["impl"]: r for r in json.loads(out.read_text())["speed"]}
+  rows = _toy_padding_rows(tmp_path, 40, "--attention_dropout", "0.3")
   assert {"flax", "ours(auto)", "ours(xla)"} <= set(rows) <= {
       "flax", "ours(auto)", "ours(xla)", "ours(cpu_flash)"}
   assert rows["flax"]["max_err"] is None  # flax draws its own pattern

@@ -299,3 +299,33 @@ def test_data_parallel_runs_each_shard_locally():
   # XLA may reduce δ and the loss in another order per shape (1.2e-6 seen with
   # dropout); another dropout pattern would be off by percent.
   assert gaps[0] < 1e-6 and gaps[1] < 1e-4 and gaps[2] < 1e-5 and gaps[3] < 1e-4, gaps
+
+
+def test_transformer_trained_with_attention_dropout_gets_xlas_gradients():
+  """A Transformer's loss and gradients with attention dropout (and no other
+  dropout) are the same, up to rounding, whether its attention runs the kernel
+  or "xla": both apply the pattern drawn from the layer's dropout key."""
+  import optax
+  from attention.models import Transformer, TransformerConfig
+  cfg = TransformerConfig(vocab_size=16, emb_dim=32, num_heads=4, num_layers=1,
+                          num_decoder_layers=1, qkv_dim=32, mlp_dim=64, max_len=32,
+                          dropout_rate=0.0, attention_dropout_rate=0.3)
+  rng = np.random.default_rng(6)
+  src, tgt_in, tgt_out = (jnp.asarray(rng.integers(1, 16, (4, 12)), jnp.int32) for _ in range(3))
+  params = Transformer(cfg).init(jax.random.key(0), src, tgt_in)["params"]
+  # An 'rbg' key: threefry dropout masks take far longer to compile on CPU.
+  rngs = {"dropout": jax.random.key(2, impl="rbg")}
+
+  def grads(impl):
+    model = Transformer(cfg.replace(implementation=impl))
+    loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+        model.apply({"params": p}, src, tgt_in, train=True, rngs=rngs), tgt_out).mean()
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (loss, got), (ref_loss, want) = grads("cpu_flash"), grads("xla")
+  eval_loss = optax.softmax_cross_entropy_with_integer_labels(
+      Transformer(cfg).apply({"params": params}, src, tgt_in), tgt_out).mean()
+  assert abs(float(loss) - float(eval_loss)) > 1e-3  # dropout did something
+  np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=1e-4)

@@ -7,8 +7,9 @@ time. ``csrc/cpu_flash.cc`` keeps every ``[72, 144]`` tile of logits
 over key blocks that saves one log-sum-exp per query row, and the backward
 pass recomputes each tile's probabilities from it (Dao et al. 2022). Tiles
 that ``is_causal`` or the mask rules out entirely are skipped, whatever the
-mask's pattern, so a causal or padding mask array costs what it removes. Memory is O(T·D): no ``[q, k]``
-array exists in either pass. The work runs on XLA's intra-op thread pool.
+mask's pattern, so a causal or padding mask array costs what it removes.
+Memory is O(T·D): no float ``[q, k]`` array exists in either pass. The work
+runs on XLA's intra-op thread pool.
 
 The kernel is compiled once per machine with the system C++ compiler
 (``$CXX``, else ``c++``; ``-O3 -march=native``) against the FFI headers that
@@ -26,9 +27,9 @@ rule keeps XLA from gathering the batch), and attention dropout, given as the
 boolean keep pattern ``"xla"`` draws (:func:`attention.dropout.keep_mask`), so
 both backends drop the same weights for one key. That pattern is a
 ``[q_len, kv_len]`` bool array (``[batch..., heads, q_len, kv_len]`` without
-``broadcast_dropout``), a quarter of the float32 logits' bytes or less; the rest of the
-memory stays O(T·D). What it does not: a logit bias (use ``"xla"`` or
-``"chunked"``) and forward-mode differentiation.
+``broadcast_dropout``), a quarter of the float32 logits' bytes or less; the
+rest of the memory stays O(T·D). What it does not: a logit bias (use
+``"xla"`` or ``"chunked"``) and forward-mode differentiation.
 """
 
 from __future__ import annotations

@@ -225,16 +225,18 @@ def _scaled(qh: Array, scale: float | None) -> Array:
 
 
 def _dropout_keep(query, key, dropout_rng, dropout_rate, broadcast_dropout,
-                  deterministic) -> Array | None:
-  """Attention dropout's keep pattern, boolean ``[batch..., heads, q_len, kv_len]``
-  (batch and heads 1 with ``broadcast_dropout``); None without dropout.
+                  deterministic) -> tuple[Array | None, float]:
+  """Attention dropout's ``(keep, keep_scale)``: the boolean pattern
+  ``[batch..., heads, q_len, kv_len]`` (batch and heads 1 with
+  ``broadcast_dropout``) and the factor of kept weights; ``(None, 1.0)``
+  without dropout.
 
   One pattern for every backend that supports dropout ("xla", "cpu_flash"):
   drawn whole from the key, so it depends on neither the backend nor the
   blocking, and switching backends keeps the same dropped weights.
   """
   if deterministic or dropout_rate <= 0.0:
-    return None
+    return None, 1.0
   if dropout_rng is None:
     raise ValueError("dropout_rate > 0 with deterministic=False needs a dropout_rng.")
   shape = jnp.broadcast_shapes(query.shape[:-3], key.shape[:-3]) + (
@@ -243,7 +245,8 @@ def _dropout_keep(query, key, dropout_rng, dropout_rate, broadcast_dropout,
     shape = (1,) * (len(shape) - 2) + shape[-2:]
   # 16 random bits per weight, four weights per Threefry evaluation
   # (attention.dropout): a quarter of jax.random.bernoulli's RNG work.
-  return _dropout.keep_mask(dropout_rng, dropout_rate, shape)
+  return (_dropout.keep_mask(dropout_rng, dropout_rate, shape),
+          _dropout.keep_scale(dropout_rate))
 
 
 def _xla(query, key, value, bias, mask, is_causal, scale, precision,
@@ -256,10 +259,9 @@ def _xla(query, key, value, bias, mask, is_causal, scale, precision,
     value = jnp.repeat(value, groups, axis=-2)
   q_len, kv_len = query.shape[-3], key.shape[-3]
   qh, kh, vh = _heads_first(query), _heads_first(key), _heads_first(value)
-  keep = _dropout_keep(query, key, dropout_rng, dropout_rate, broadcast_dropout,
-                       deterministic)
+  keep, keep_scale = _dropout_keep(query, key, dropout_rng, dropout_rate,
+                                   broadcast_dropout, deterministic)
   qh = _scaled(qh, scale)
-  keep_scale = _dropout.keep_scale(dropout_rate) if keep is not None else 1.0
   blocks = tuple(causal_row_blocks(q_len, kv_len)) if is_causal else None
   out = softmax_attention(qh, kh, vh, bias, mask, keep, keep_scale, precision, blocks)
   return jnp.swapaxes(out, -2, -3)
@@ -423,10 +425,10 @@ def dot_product_attention(
   elif impl == "cudnn":
     out = _cudnn(query, key, value, bias, mask, is_causal, scale)
   elif impl == "cpu_flash":
-    keep = _dropout_keep(query, key, dropout_rng, dropout_rate, broadcast_dropout,
-                         deterministic)
+    keep, keep_scale = _dropout_keep(query, key, dropout_rng, dropout_rate,
+                                     broadcast_dropout, deterministic)
     out = _cpu_flash.attention(query, key, value, mask, is_causal=is_causal, scale=scale,
-                               keep=keep, keep_scale=_dropout.keep_scale(dropout_rate))
+                               keep=keep, keep_scale=keep_scale)
   else:
     out = _chunked.attention(query, key, value, bias, mask, is_causal=is_causal,
                              scale=scale, block_q=block_q, block_kv=block_kv,

@@ -113,14 +113,14 @@ def keep_mask(rng: Array, rate: float, shape: Sequence[int]) -> Array:
   if data is None or size >= 2 ** 32:
     return jax.random.bits(rng, shape, jnp.uint16) >= np.uint16(t)
   data = data.astype(jnp.uint32)
-  lead = shape[:-1] if shape else ()
+  quarter = -(-n // 4)
   rows = size // n if n else 0
   per_slice = _rows_per_slice(rows, n)
   if per_slice is None:
-    return _keep_from_counts(data, thr, _linear_index(lead + (-(-n // 4),)), n).reshape(shape)
+    counts = _linear_index(tuple(shape[:-1]) + (quarter,))
+    return _keep_from_counts(data, thr, counts, n).reshape(shape)
   # Row r's counters are r * quarter + column whether drawn at once or in
   # slices, so the pattern is the same bit for bit.
-  quarter = -(-n // 4)
   local = _linear_index((per_slice, quarter))
 
   def one_slice(i):

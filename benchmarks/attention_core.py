@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attention import dropout as dropout_lib
 from attention import huge_pages
 from benchmarks import device_info
 
@@ -171,15 +172,14 @@ def run_speed(args):
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(args.batch, t, args.heads, args.head_dim)), dtype)
                for _ in range(3))
+    keep, keep_scale = None, 1.0  # the pattern ours draws, for the reference
+    if args.attention_dropout:
+      keep = dropout_lib.keep_mask(jax.random.key(DROPOUT_KEY), args.attention_dropout,
+                                   (1, 1, t, t))
+      keep_scale = dropout_lib.keep_scale(args.attention_dropout)
     for kind in args.masks:
       mask = _mask(kind, args.batch, t)
       cotangent = jnp.asarray(rng.normal(size=q.shape), dtype)
-      keep, keep_scale = None, 1.0
-      if args.attention_dropout:
-        from attention import dropout as dropout_lib
-        keep = dropout_lib.keep_mask(jax.random.key(DROPOUT_KEY), args.attention_dropout,
-                                     (1, 1, t, t))
-        keep_scale = dropout_lib.keep_scale(args.attention_dropout)
       ref, rows_ok = _reference_row_block(q.astype(jnp.float32), k.astype(jnp.float32),
                                           v.astype(jnp.float32), mask, keep, keep_scale)
       flops = 4 * args.batch * args.heads * t * t * args.head_dim

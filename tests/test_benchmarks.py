@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -189,8 +190,10 @@ def test_model_flops_equal_three_times_the_forward_matmuls_of_both_models():
 def test_train_step_peer_and_ours_same_size(tmp_path):
   out = tmp_path / "step.json"
   train_step.main(["--size", "tiny", "--batch", "4", "--src_len", "8", "--tgt_len", "8",
-                   "--steps", "2", "--matmul_n", "128", "--profile", "3", "--out", str(out)])
+                   "--steps", "2", "--matmul_n", "128", "--profile", "3", "--attention_dropout", "0",
+                   "--out", str(out)])
   result = json.loads(out.read_text())
+  assert (result["args"]["dropout"], result["attention_dropout"]) == (0.1, 0.0)
   flax_row, ours_row = result["rows"]
   assert (flax_row["model"], ours_row["model"]) == ("flax", "ours")
   assert flax_row["params"] == ours_row["params"] > 0
@@ -202,6 +205,89 @@ def test_train_step_peer_and_ours_same_size(tmp_path):
     assert any("train_step" in where for _, _, where in r["top_ops"])
   assert ours_row["speed_ratio_vs_flax"] == pytest.approx(
       flax_row["ms_per_step"] / ours_row["ms_per_step"])
+
+
+def _plane(name, lines):
+  ns = types.SimpleNamespace
+  return ns(name=name, lines=[ns(name=n, events=[ns(name=e, duration_ns=t) for e, t in ev])
+                              for n, ev in lines])
+
+
+def test_op_time_counts_a_gpu_trace_once():
+  gpu = _plane("/device:GPU:0", [
+      ("XLA Modules", [("jit_train_step(1)", 900)]),
+      ("XLA Ops", [("fusion.1", 300), ("custom-call.2", 500), ("fusion.1", 100)]),
+      ("Stream #13(Compute)", [("loop_fusion_kernel", 400), ("sm90_gemm_kernel", 500)])])
+  host = _plane("/host:CPU", [("python", [("PjitFunction(train_step)", 950)]),
+                              ("tf_XLAPjRtCpuClient/1", [("fusion.9", 7)])])
+  assert train_step.op_time_ns([host, gpu]) == {"fusion.1": 400, "custom-call.2": 500}
+  cpu = _plane("/host:CPU", [("python", [("PjitFunction(train_step)", 950)]),
+                             ("tf_XLAPjRtCpuClient/1", [("fusion.9", 7)]),
+                             ("tf_XLAEigen/2", [("fusion.3", 40), ("ThunkExecutor::Execute", 60),
+                                                ("dot.4", 25)])])
+  assert train_step.op_time_ns([cpu]) == {"fusion.3": 40, "dot.4": 25}
+
+
+def test_train_step_keeps_its_timings_when_profiling_fails(tmp_path, monkeypatch, capsys):
+  def broken(*args, **kwargs):
+    raise ValueError("no trace")
+  monkeypatch.setattr(train_step, "profile_ops", broken)
+  out = tmp_path / "step.json"
+  train_step.main(["--size", "tiny", "--batch", "2", "--src_len", "4", "--tgt_len", "4",
+                   "--steps", "1", "--matmul_n", "64", "--profile", "2", "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["model"] for r in rows] == ["flax", "ours"]
+  assert all(r["top_ops"] is None and r["ms_per_step"] > 0 for r in rows)
+  assert capsys.readouterr().out.count("profile failed (ValueError: no trace); timings kept") == 2
+
+
+@pytest.mark.parametrize("flag", ["--dropout", "--attention_dropout"])
+def test_train_step_refuses_a_bad_dropout_rate(flag, capsys):
+  with pytest.raises(SystemExit) as e:
+    train_step.main(["--size", "tiny", flag, "1.0", "--out", "/nonexistent/x.json"])
+  assert e.value.code == 2
+  assert f"{flag}=1.0 must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_gpu_check_runs_every_step_and_writes_what_the_device_brings_back(tmp_path):
+  # GPU_CHECK_SMOKE=1: the device script's own steps and plumbing at tiny sizes, on CPU.
+  out = tmp_path / "out"
+  env = _python_first_env(GPU_CHECK_SMOKE="1", JAX_PLATFORMS="cpu")
+  res = subprocess.run(["bash", "benchmarks/gpu_check.sh", "run", str(out)], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=540)
+  assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+  names = sorted(p.name for p in out.iterdir())
+  assert names == ["attention_core.json", "gpu_check.log", "train_base_b192_attn0.json",
+                   "train_base_b64.json", "train_base_b64_attn0.json"]
+  log = (out / "gpu_check.log").read_text()
+  assert log.count(": exit 0 after") == 4 and "=== 0 step(s) failed" in log
+  for name, batch, rate in [("train_base_b64", 2, 0.1), ("train_base_b64_attn0", 2, 0.0),
+                            ("train_base_b192_attn0", 4, 0.0)]:
+    r = json.loads((out / f"{name}.json").read_text())
+    assert (r["args"]["batch"], r["attention_dropout"]) == (batch, rate)
+    assert f"{name}.json: batch {batch}, flax" in log
+  assert json.loads((out / "attention_core.json").read_text())
+
+
+def test_gpu_check_counts_a_failed_step_and_runs_the_rest(tmp_path):
+  # The three train steps replaced by a no-op, attention_core by a module that is not there.
+  script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+  script = script.replace("-m benchmarks.train_step", "-c pass").replace(
+      "benchmarks.attention_core", "benchmarks.no_such_benchmark")
+  (tmp_path / "gpu_check.sh").write_text(script)
+  res = subprocess.run(["bash", str(tmp_path / "gpu_check.sh"), "run", str(tmp_path / "out")],
+                       env=_python_first_env(GPU_CHECK_SMOKE="1"), cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+  log = (tmp_path / "out" / "gpu_check.log").read_text()
+  assert res.returncode == 1, log
+  assert log.count(": exit 0 after") == 3 and "=== attention_core: exit 1 after" in log
+  assert log.rstrip().endswith("=== 1 step(s) failed")
+
+
+def _python_first_env(**extra: str) -> dict:
+  """The environment with this interpreter's directory first on PATH (the script runs python3)."""
+  path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+  return dict(os.environ, PATH=path, **extra)
 
 
 def test_scaling_loss_equal_on_one_and_two_devices(tmp_path):

@@ -248,8 +248,9 @@ class MultiHeadAttention(nn.Module):
       # Keys are rotated before they enter the cache, so each is rotated once.
       query = apply_rotary(query, positions, max_timescale=self.rotary_max_timescale)
       key = apply_rotary(key, kv_positions, max_timescale=self.rotary_max_timescale)
+    overflow = None
     if self.decode:
-      key, value, mask = self._update_cache(key, value, mask)
+      key, value, mask, overflow = self._update_cache(key, value, mask)
       is_causal = False  # the cache mask already encodes causality
 
     if self.dropout_rate > 0.0:
@@ -282,6 +283,8 @@ class MultiHeadAttention(nn.Module):
       self.sow("intermediates", "attention_weights", dot_product_attention_weights(
           query, key, None, mask, is_causal=is_causal, precision=self.precision))
     x = self.attention_fn(query, key, value, **attn_kwargs)
+    if overflow is not None:  # tokens past the cache: NaN, not silently wrong outputs
+      x = jnp.where(overflow, jnp.asarray(jnp.nan, x.dtype), x)
 
     return nn.DenseGeneral(
         features=features, axis=(-2, -1),
@@ -344,16 +347,22 @@ class MultiHeadAttention(nn.Module):
     On the init pass the cache is created with ``key``'s shape, so initialise
     with an input of the maximum decode length, as in flax.
 
-    Overflow: feeding more tokens in total than that length is an error, but
-    it can only be raised when the cache index is concrete (eager
-    ``apply``). Under ``jax.jit`` (or ``scan``) the index is traced and no
-    check runs: ``dynamic_update_slice`` clamps the write to the last slots,
-    so the newest keys/values silently overwrite the ones there, the index
-    grows past the length and every query attends the whole cache. Callers
-    that jit the decode step should check ``cache["cache_index"] + n <=
-    max_len`` on the host between steps (a scalar they already hold). A
-    traced check (``checkify`` or a host callback) would add a sync to every
-    step, so none is made.
+    Overflow: feeding more tokens in total than that length is an error. With
+    a concrete cache index (eager ``apply``) it raises. Under ``jax.jit`` (or
+    ``scan``) the index is traced and cannot be raised on without a host sync
+    every step (``checkify``, a callback), and ``dynamic_update_slice`` clamps
+    the write onto the last slots, overwriting keys that every query of the
+    call, even one inside the cache, then reads. So the whole call's output
+    is NaN instead (see ``overflow`` below), and the step's logits and loss
+    turn NaN rather than silently wrong; so is every later call, as the index
+    stays past the end. A jitted loop can also check ``cache["cache_index"] +
+    n <= max_len`` on the host between steps.
+
+    Returns:
+      ``(key, value, mask, overflow)``: the full cache ``[batch..., max_len,
+      heads, head_dim]`` twice, the mask with the cache's causal pattern, and
+      ``overflow``, a boolean scalar, True when this call's tokens do not fit
+      (None on the init pass).
 
     Raises:
       ValueError: keys whose batch/head shape differs from the cache's, more
@@ -365,7 +374,7 @@ class MultiHeadAttention(nn.Module):
     cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
     cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not is_initialized:
-      return key, value, mask
+      return key, value, mask, None
     *batch, max_len, heads, depth = cached_key.value.shape
     new_len = key.shape[-3]
     if tuple(key.shape) != (*batch, new_len, heads, depth) or new_len > max_len:
@@ -374,8 +383,8 @@ class MultiHeadAttention(nn.Module):
           f" [batch, n<= {max_len}, features] per call with the batch used at init."
       )
     index = cache_index.value
-    # Only a concrete index can be read; under jit this branch is not traced,
-    # so the compiled step is unchanged (see the docstring for that case).
+    # Only a concrete index can be read; under jit this branch is not traced
+    # (the NaN rows of ``overflow`` stand in for it, see the docstring).
     if not isinstance(index, jax.core.Tracer) and int(index) + new_len > max_len:
       raise ValueError(
           f"decode cache is full: cache_index={int(index)} + {new_len} new tokens >"
@@ -392,4 +401,5 @@ class MultiHeadAttention(nn.Module):
     cache_mask = k_pos <= q_pos
     mask = as_bool_mask(mask)
     mask = cache_mask if mask is None else jnp.logical_and(mask, cache_mask)
-    return key, value, mask
+    overflow = index + new_len > max_len
+    return key, value, mask, overflow

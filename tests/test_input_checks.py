@@ -144,11 +144,26 @@ def test_decode_past_the_cache_length_raises_when_eager():
     step({"params": variables["params"], "cache": cache}, x[:, 4:5])
 
 
-def test_decode_under_jit_has_no_overflow_check():
-  """Documented limit: under jit the index is traced, so an overflow is not caught."""
+def test_decode_under_jit_gives_nan_past_the_cache_length():
+  """Under jit the index is traced (no error can be raised): an overflowing call gives NaN."""
   mod = MultiHeadAttention(num_heads=2, decode=True)
   x = jax.random.normal(jax.random.key(0), (1, 6, 8))
   variables = mod.init(jax.random.key(1), x[:, :4])
+  params = variables["params"]
   step = jax.jit(lambda v, xi: mod.apply(v, xi, mutable=["cache"]))
-  cache = _decode_steps(step, variables, x, 6)
+  full = MultiHeadAttention(num_heads=2).apply({"params": params}, x[:, :4], is_causal=True)
+  cache = variables["cache"]
+  for i in range(6):
+    y, mut = step({"params": params, "cache": cache}, x[:, i:i + 1])
+    cache = mut["cache"]
+    if i < 4:  # inside the cache: the full causal pass, one token at a time
+      np.testing.assert_allclose(y[:, 0], full[:, i], rtol=1e-5, atol=1e-6)
+    else:
+      assert np.isnan(np.asarray(y)).all(), i
   assert int(cache["cache_index"]) == 6
+  # A chunk that ends exactly at the end fits; one that straddles it is NaN throughout
+  # (its clamped write overwrote keys that its in-range query reads too).
+  y, _ = step({"params": params, "cache": _decode_steps(step, variables, x, 2)}, x[:, 2:4])
+  np.testing.assert_allclose(y, full[:, 2:4], rtol=1e-5, atol=1e-6)
+  y, _ = step({"params": params, "cache": _decode_steps(step, variables, x, 3)}, x[:, 3:5])
+  assert np.isnan(np.asarray(y)).all()

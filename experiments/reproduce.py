@@ -40,6 +40,7 @@ import argparse
 import gzip
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -114,27 +115,44 @@ def table4(root: str) -> str:
   return _write(os.path.join(root, "table4.md"), text)
 
 
+def _mean_sd(values: Sequence[float | None], digits: int = 3) -> str:
+  """``mean ± sd`` (sample standard deviation) over the values logged; the mean alone for one."""
+  xs = [v for v in values if v is not None]
+  if not xs:
+    return "–"
+  if len(xs) == 1:
+    return cr.fmt(xs[0], digits)
+  return f"{cr.fmt(statistics.fmean(xs), digits)} ± {cr.fmt(statistics.stdev(xs), 2)}"
+
+
 def table3a(root: str) -> str:
-  """Vaswani Table 3 (A) analogue: one row per head count."""
+  """Vaswani Table 3 (A) analogue: one row per head count, mean ± sd over its seeds."""
   runs = _finished(root)
-  runs.sort(key=lambda r: r.config.get("model", {}).get("num_heads", 0))
+  by_heads: dict = {}
+  for r in runs:
+    by_heads.setdefault(r.config.get("model", {}).get("num_heads", 0), []).append(r)
   lm = all(r.is_lm for r in runs)
-  header = ["h", "d_k = d_v", "params", "steps", "eval loss", "eval ppl"]
+  header = ["h", "d_k = d_v", "params", "steps", "seeds", "eval loss", "eval ppl"]
   header += ["bits/token"] if lm else ["eval BLEU", "test BLEU"]
   rows = []
-  for r in runs:
-    m = r.config.get("model", {})
-    h, d = m.get("num_heads"), m.get("qkv_dim")
-    loss = r.get("eval/loss")
-    row = [f"{h}{'†' if r.incomplete else ''}", str(d // h if h and d else "–"),
-           cr.fmt(r.get("model/num_params")),
-           str(r.final.get("step")), cr.fmt(loss, 4), cr.fmt(r.get("eval/perplexity"), 4)]
-    row += [cr.fmt(loss / math.log(2) if loss is not None else None, 4)] if lm else [
-        cr.fmt(r.get("eval/bleu")), cr.fmt(r.get("test/bleu"))]
+  for h, group in sorted(by_heads.items()):
+    d = group[0].config.get("model", {}).get("qkv_dim")
+    steps = sorted({str(r.final.get("step")) for r in group})
+    seeds = sorted(str(r.config.get("seed", "–")) for r in group)
+    losses = [r.get("eval/loss") for r in group]
+    row = [f"{h}{'†' if any(r.incomplete for r in group) else ''}",
+           str(d // h if h and d else "–"), cr.fmt(group[0].get("model/num_params")),
+           "/".join(steps), ",".join(seeds), _mean_sd(losses, 4),
+           _mean_sd([r.get("eval/perplexity") for r in group], 4)]
+    row += [_mean_sd([v / math.log(2) if v is not None else None for v in losses], 4)] if lm \
+        else [_mean_sd([r.get("eval/bleu") for r in group]),
+              _mean_sd([r.get("test/bleu") for r in group])]
     rows.append(row)
   cr.plot_curves(runs, "eval/loss", os.path.join(root, "table3a.png"), title="heads")
+  note = ["Rows with several seeds: mean ± sample standard deviation over them.", ""]
   return _write(os.path.join(root, "table3a.md"),
-                "\n".join([cr.markdown(header, rows), ""] + _incomplete_note(runs)).rstrip())
+                "\n".join([cr.markdown(header, rows), ""] + note
+                          + _incomplete_note(runs)).rstrip())
 
 
 def lstmn(root: str) -> str:

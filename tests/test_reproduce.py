@@ -121,7 +121,8 @@ def test_luong_table4_sweep_is_score_by_mode_of_one_luong_model():
 def test_vaswani_table3a_heads_divide_d_model_at_equal_params(arg):
   spec = str(CONFIGS / "vaswani_table3a.py") + (f":{arg}" if arg else "")
   trials = load_sweep(spec)
-  assert [t["model.num_heads"] for t in trials] == [1, 4, 8, 16]
+  assert [(t["seed"], t["model.num_heads"]) for t in trials] == [
+      (seed, h) for seed in (0, 1, 2) for h in (1, 4, 8, 16)]
   counts = {}
   for t in trials:
     c = _trial_config("vaswani_table3a", t, arg)
@@ -196,14 +197,38 @@ def test_table3a_lm_rows_sorted_by_heads_with_bits_per_token(tmp_path, capsys):
   assert reproduce.main(["table3a", str(root)]) == 0
   out = capsys.readouterr().out
   (table,) = _tables(out)
-  assert table[0] == ["h", "d_k = d_v", "params", "steps", "eval loss", "eval ppl", "bits/token"]
+  assert table[0] == ["h", "d_k = d_v", "params", "steps", "seeds", "eval loss", "eval ppl",
+                      "bits/token"]
   assert table[1:] == [
-      ["1", "160", "1.02M", "100", "1.710", "5.529", "2.467"],
-      ["4", "40", "1.02M", "100", "1.550", "4.711", "2.236"],
-      ["8", "20", "1.02M", "100", "1.500", "4.482", "2.164"],
-      ["16", "10", "1.02M", "100", "1.620", "5.053", "2.337"]]
+      ["1", "160", "1.02M", "100", "–", "1.710", "5.529", "2.467"],
+      ["4", "40", "1.02M", "100", "–", "1.550", "4.711", "2.236"],
+      ["8", "20", "1.02M", "100", "–", "1.500", "4.482", "2.164"],
+      ["16", "10", "1.02M", "100", "–", "1.620", "5.053", "2.337"]]
   assert (root / "table3a.md").is_file()
   assert (root / "table3a.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_table3a_rows_are_mean_and_sd_over_seeds(tmp_path, capsys):
+  losses = {(1, 0): 1.90, (1, 1): 1.94, (1, 2): 1.89, (4, 0): 1.95, (4, 2): 1.91}
+  trials = {}
+  for (h, seed), loss in losses.items():
+    config = dict(_tf("transformer_lm", h), seed=seed)
+    trials[f"model.num_heads={h},seed={seed}"] = (config, {
+        "eval/loss": loss, "eval/perplexity": math.exp(loss), "model/num_params": 950_000.0})
+  root = _sweep(tmp_path / "table3a", trials)
+  assert reproduce.main(["table3a", str(root)]) == 0
+  out = capsys.readouterr().out
+  (table,) = _tables(out)
+  # Sample standard deviations, by hand: h=1 losses 1.90, 1.94, 1.89 (mean 1.91);
+  # h=4 losses 1.95, 1.91 (mean 1.93).
+  sd1 = math.sqrt(((1.90 - 1.91) ** 2 + (1.94 - 1.91) ** 2 + (1.89 - 1.91) ** 2) / 2)
+  sd4 = math.sqrt(((1.95 - 1.93) ** 2 + (1.91 - 1.93) ** 2) / 1)
+  assert table[1][:6] == ["1", "160", "0.95M", "100", "0,1,2", f"1.910 ± {sd1:.3f}"]
+  assert table[2][:6] == ["4", "40", "0.95M", "100", "0,2", f"1.930 ± {sd4:.3f}"]
+  ppl1 = [math.exp(v) for v in (1.90, 1.94, 1.89)]
+  assert table[1][6].startswith(f"{sum(ppl1) / 3:.3f} ± ")
+  assert table[1][7] == f"{1.91 / math.log(2):.3f} ± {sd1 / math.log(2):.3f}"
+  assert "mean ± sample standard deviation" in out
 
 
 def test_table3a_translation_reports_bleu(tmp_path, capsys):
@@ -215,8 +240,8 @@ def test_table3a_translation_reports_bleu(tmp_path, capsys):
   (table,) = _tables(capsys.readouterr().out)
   assert table[0][-2:] == ["eval BLEU", "test BLEU"]
   assert "bits/token" not in table[0]
-  assert table[1] == ["1", "128", "–", "100", "2.250", "–", "27.5", "–"]
-  assert table[2] == ["8", "16", "–", "100", "2.000", "–", "30.1", "29.9"]
+  assert table[1] == ["1", "128", "–", "100", "–", "2.250", "–", "27.5", "–"]
+  assert table[2] == ["8", "16", "–", "100", "–", "2.000", "–", "30.1", "29.9"]
 
 
 # ---------------------------------------------------------------------------- fig2, lstmn

@@ -96,20 +96,31 @@ def _pivot(runs: Sequence[cr.Run], row_key: str, col_key: str, cell) -> str:
     return node if node != {} else None
   rows = list(dict.fromkeys(value(r, row_key) for r in runs))
   cols = list(dict.fromkeys(value(r, col_key) for r in runs))
-  table = {(value(r, row_key), value(r, col_key)): r for r in runs}
+  table: dict = {}   # (row, col) -> its runs, one per seed
+  for r in runs:
+    table.setdefault((value(r, row_key), value(r, col_key)), []).append(r)
   body = [[str(rv)] + [cell(table[(rv, cv)]) if (rv, cv) in table else "–" for cv in cols]
           for rv in rows]
   return cr.markdown([f"{row_key} \\ {col_key}"] + [str(c) for c in cols], body)
 
 
 def table4(root: str) -> str:
-  """Luong Table 4 analogue: test BLEU (eval perplexity) for score x mode."""
+  """Luong Table 4 analogue: test BLEU (eval perplexity) for score x mode, mean ± sd over seeds."""
   runs = _finished(root)
   metric = "test/bleu" if any(r.get("test/bleu") is not None for r in runs) else "eval/bleu"
-  cell = lambda r: (f"{cr.fmt(r.get(metric))}{'†' if r.incomplete else ''}"  # noqa: E731
-                    f" ({cr.fmt(r.get('eval/perplexity'))})")
+
+  def cell(group):
+    ppl = [r.get("eval/perplexity") for r in group if r.get("eval/perplexity") is not None]
+    return (f"{_mean_sd([r.get(metric) for r in group])}"
+            f"{'†' if any(r.incomplete for r in group) else ''}"
+            f" ({cr.fmt(statistics.fmean(ppl)) if ppl else '–'})")
+
   parts = [f"{metric} (eval perplexity in brackets)", "",
            _pivot(runs, "model.score", "model.mode", cell), ""]
+  seeds = sorted({str(r.config.get("seed")) for r in runs if "seed" in r.config})
+  if len(seeds) > 1:
+    parts += [f"Cells: mean ± sample standard deviation over seeds {', '.join(seeds)};"
+              " perplexity: their mean.", ""]
   parts += _incomplete_note(runs)
   text = "\n".join(parts + [cr.summary_table(runs, cr.wall_seconds(root))])
   return _write(os.path.join(root, "table4.md"), text)

@@ -104,10 +104,11 @@ def _num_params(c, vocab: int = 65) -> int:
 def test_luong_table4_sweep_is_score_by_mode_of_one_luong_model():
   from attention import luong
   trials = load_sweep(str(CONFIGS / "luong_table4.py"))
-  combos = [(t["model.score"], t["model.mode"]) for t in trials]
-  assert sorted(combos) == sorted((s, m) for s in ("dot", "general", "concat")
+  combos = [(t["seed"], t["model.score"], t["model.mode"]) for t in trials]
+  assert sorted(combos) == sorted((seed, s, m) for seed in (0, 1, 2)
+                                  for s in ("dot", "general", "concat")
                                   for m in ("global", "local-p"))
-  assert len(set(combos)) == 6 and all(set(t) == {"model.score", "model.mode"} for t in trials)
+  assert all(set(t) == {"model.score", "model.mode", "seed"} for t in trials)
   for t in trials:
     c = _trial_config("luong_table4", t)
     assert c.model.name == "luong"
@@ -168,6 +169,23 @@ def test_table4_pivots_score_by_mode_with_missing_cells(tmp_path, capsys):
   wall = summary[0].index("wall s")
   assert [r[wall] for r in summary[1:]] == ["90.00", "150.0", "210.0", "270.0", "330.0"]
   assert (root / "table4.md").read_text().strip() == out.strip()
+
+
+def test_table4_cells_are_mean_and_sd_over_seeds(tmp_path, capsys):
+  bleu = {("dot", "global", 0): 30.0, ("dot", "global", 1): 31.0, ("dot", "global", 2): 32.5,
+          ("dot", "local-p", 0): 24.0, ("dot", "local-p", 1): 18.0}
+  trials = {}
+  for (score, mode, seed), b in bleu.items():
+    config = dict(_luong(score, mode), seed=seed)
+    trials[f"model.mode={mode},model.score={score},seed={seed}"] = (
+        config, {"test/bleu": b, "eval/perplexity": 9.0 + seed})
+  root = _sweep(tmp_path / "table4", trials)
+  assert reproduce.main(["table4", str(root)]) == 0
+  out = capsys.readouterr().out
+  pivot = _tables(out)[0]
+  # dot/global: mean 31.17, sample sd of 30, 31, 32.5 = 1.258; dot/local-p: 21, sd 4.243.
+  assert pivot[1:] == [["dot", "31.2 ± 1.3 (10.0)", "21.0 ± 4.2 (9.50)"]]
+  assert "mean ± sample standard deviation over seeds 0, 1, 2" in out
 
 
 def test_table4_falls_back_to_eval_bleu(tmp_path, capsys):

@@ -51,7 +51,7 @@ from experiments import comparison_report as cr
 def _write(path: str, text: str) -> str:
   with open(path, "w") as f:
     f.write(text + "\n")
-  print(text)
+  print(text, flush=True)  # before the stderr line below
   print(f"wrote {path}", file=sys.stderr)
   return text
 

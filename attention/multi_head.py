@@ -384,7 +384,7 @@ class MultiHeadAttention(nn.Module):
       )
     index = cache_index.value
     # Only a concrete index can be read; under jit this branch is not traced
-    # (the NaN rows of ``overflow`` stand in for it, see the docstring).
+    # (a NaN output stands in for it, see ``overflow`` and the docstring).
     if not isinstance(index, jax.core.Tracer) and int(index) + new_len > max_len:
       raise ValueError(
           f"decode cache is full: cache_index={int(index)} + {new_len} new tokens >"

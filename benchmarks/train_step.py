@@ -220,7 +220,7 @@ def main(argv=None):
   p.add_argument("--src_len", type=int, default=32)
   p.add_argument("--tgt_len", type=int, default=32)
   p.add_argument("--dtype", default="bf16" if gpu else "fp32", choices=["fp32", "bf16"])
-  p.add_argument("--steps", type=int, default=10, help="timed steps (after one compile step)")
+  p.add_argument("--steps", type=int, default=10, help="timed steps (after compiling and one warm-up step)")
   p.add_argument("--dropout", type=float, default=0.1,
                  help="embedding and residual dropout of both models")
   p.add_argument("--attention_dropout", type=float, default=None,

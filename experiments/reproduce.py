@@ -72,6 +72,24 @@ def _incomplete_note(runs: Sequence[cr.Run]) -> list[str]:
   return [f"† incomplete, its last eval shown: {', '.join(late)}.", ""] if late else []
 
 
+def _mean_sd(values: Sequence[float | None], digits: int = 3) -> str:
+  """``mean ± sd`` (sample standard deviation) over the values logged; the mean alone for one."""
+  xs = [v for v in values if v is not None]
+  if not xs:
+    return "–"
+  if len(xs) == 1:
+    return cr.fmt(xs[0], digits)
+  return f"{cr.fmt(statistics.fmean(xs), digits)} ± {cr.fmt(statistics.stdev(xs), 2)}"
+
+
+def _seeds_note(runs: Sequence[cr.Run], extra: str = "") -> list[str]:
+  """The line saying cells are mean ± sd, when the runs have several seeds."""
+  seeds = sorted({str(r.config["seed"]) for r in runs if "seed" in r.config})
+  if len(seeds) < 2:
+    return []
+  return [f"Cells: mean ± sample standard deviation over seeds {', '.join(seeds)}{extra}.", ""]
+
+
 def fig2(roots: Sequence[str]) -> str:
   """Quality by source length for each directory of family runs."""
   parts = []
@@ -117,23 +135,10 @@ def table4(root: str) -> str:
 
   parts = [f"{metric} (eval perplexity in brackets)", "",
            _pivot(runs, "model.score", "model.mode", cell), ""]
-  seeds = sorted({str(r.config.get("seed")) for r in runs if "seed" in r.config})
-  if len(seeds) > 1:
-    parts += [f"Cells: mean ± sample standard deviation over seeds {', '.join(seeds)};"
-              " perplexity: their mean.", ""]
-  parts += _incomplete_note(runs)
+  parts += _seeds_note(runs, "; perplexity: their mean") + _incomplete_note(runs)
   text = "\n".join(parts + [cr.summary_table(runs, cr.wall_seconds(root))])
   return _write(os.path.join(root, "table4.md"), text)
 
-
-def _mean_sd(values: Sequence[float | None], digits: int = 3) -> str:
-  """``mean ± sd`` (sample standard deviation) over the values logged; the mean alone for one."""
-  xs = [v for v in values if v is not None]
-  if not xs:
-    return "–"
-  if len(xs) == 1:
-    return cr.fmt(xs[0], digits)
-  return f"{cr.fmt(statistics.fmean(xs), digits)} ± {cr.fmt(statistics.stdev(xs), 2)}"
 
 
 def table3a(root: str) -> str:
@@ -160,9 +165,8 @@ def table3a(root: str) -> str:
               _mean_sd([r.get("test/bleu") for r in group])]
     rows.append(row)
   cr.plot_curves(runs, "eval/loss", os.path.join(root, "table3a.png"), title="heads")
-  note = ["Rows with several seeds: mean ± sample standard deviation over them.", ""]
   return _write(os.path.join(root, "table3a.md"),
-                "\n".join([cr.markdown(header, rows), ""] + note
+                "\n".join([cr.markdown(header, rows), ""] + _seeds_note(runs)
                           + _incomplete_note(runs)).rstrip())
 
 

@@ -7,9 +7,10 @@
 d_model, layers, batch and steps stay fixed while the heads split d_model into
 d_k = d_v = d_model / h, so every trial has the same parameters and FLOPs, as in the
 paper's rows (A); each head count runs with three seeds (``SEEDS``), and
-``experiments.reproduce table3a`` reports each row's mean ± standard deviation. Arg: ``task`` (``text``: character LM, the default, pass
-``--config.data.path``; ``multi30k``: translation, pass ``--config.data.dir``),
-``size`` (small, the default; tiny for smoke runs).
+``experiments.reproduce table3a`` reports each row's mean ± standard deviation.
+Arg: ``task`` (``text``: character LM, the default, pass ``--config.data.path``;
+``multi30k``: translation, pass ``--config.data.dir``), ``size`` (small, the
+default; tiny for smoke runs).
 """
 
 from experiments.configs import common
